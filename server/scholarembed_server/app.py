@@ -1,0 +1,130 @@
+"""The gRPC server: wiring of engine, batcher, servicers, health, reflection and metrics; and its lifecycle.
+
+Lifecycle: bind -> health NOT_SERVING -> warm the model up -> SERVING. On SIGTERM (or stop()):
+health NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get `grace_s` to finish, then the
+batcher drains and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc
+
+from .batcher import Batcher
+from .config import ServerConfig
+from .engine import EmbeddingEngine
+from .metrics import Metrics
+from .servicer import EmbeddingServicer
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+def load_engine(config: ServerConfig) -> EmbeddingEngine:
+    return EmbeddingEngine.load(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        max_tokens=config.max_tokens,
+        revision=config.revision,
+        matryoshka_dims=config.matryoshka_dim_list,
+    )
+
+
+class EmbeddingServer:
+    """A running scholarembed server. Build it with `create_server`."""
+
+    def __init__(self, config: ServerConfig, engine: EmbeddingEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.batcher = Batcher(
+            engine,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue_tokens=config.max_queue_tokens,
+            max_wait_s=config.max_wait_ms / 1000,
+            metrics=self.metrics,
+        )
+        self.servicer = EmbeddingServicer(engine, self.batcher, config, self.metrics)
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [EMBEDDING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    async def start(self) -> int:
+        """Bind, serve health (NOT_SERVING), warm up, then report SERVING. Returns the bound port."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        self.batcher.start()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.warmup)
+        self.servicer.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.port_file:
+            Path(self.config.port_file).write_text(str(self.port))
+        log.info(
+            "serving %s on %s:%d (metrics port %s)", self.engine.model_id, self.config.host, self.port,
+            self.metrics_port,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s if grace is None else grace)
+        await self.batcher.close()
+        self.servicer.close()
+        log.info("stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", EMBEDDING_SERVICE):
+            await self.health.set(service, status)
+
+
+async def create_server(config: ServerConfig, engine: EmbeddingEngine | None = None) -> tuple[EmbeddingServer, int]:
+    """Load the model (unless given), start serving, and return (server, bound port)."""
+    if engine is None:
+        engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, config)
+    server = EmbeddingServer(config, engine)
+    port = await server.start()
+    return server, port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    server, _port = await create_server(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop_requested.set)
+    await stop_requested.wait()
+    log.info("signal received: draining for up to %.1fs", config.grace_s)
+    await server.stop()

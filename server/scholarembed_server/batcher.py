@@ -1,0 +1,173 @@
+"""One queue for every caller, one worker that forms token-budget batches for the engine.
+
+Contract: `Batcher.embed(rows)` returns one unit vector per token row, in order, exactly as
+`EmbeddingEngine.forward` would for that row alone (batching and padding never change a vector).
+
+- Requests from every unary call and stream meet in one queue of `_Item`s.
+- The worker takes everything queued as one round, sorts it by length and splits it into batches of
+  at most `max_batch_tokens` padded tokens (rows x longest row); a round finishes before the next is
+  taken, so long texts cannot starve.
+- When the queue is nearly empty the worker waits up to `max_wait_s` for company, so single queries
+  stay fast and bursts still batch well.
+- The queue is bounded in tokens. `embed(..., wait=False)` (unary calls) raises QueueFullError when
+  it is full; `wait=True` (streams) waits for room, which stalls the stream and so pushes back on the
+  client through HTTP/2 flow control.
+- A cancelled caller's items leave the queue at once and are skipped if already in a round; nothing
+  is computed for them.
+- The forward pass runs in its own thread, so the event loop keeps accepting and tokenizing
+  (tokenization runs in other threads) while the model works: the stages overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import EmbeddingEngine, plan_batches
+from .errors import QueueFullError, UnavailableError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Item:
+    """One token row waiting for its vector."""
+
+    ids: Sequence[int]
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: EmbeddingEngine,
+        *,
+        max_batch_tokens: int,
+        max_queue_tokens: int,
+        max_wait_s: float = 0.002,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._engine = engine
+        self._max_batch_tokens = max_batch_tokens
+        self._max_queue_tokens = max_queue_tokens
+        self._max_wait_s = max_wait_s
+        self._metrics = metrics
+        self._pending: list[_Item] = []
+        self._queued_tokens = 0  # pending plus in-flight rows: what backpressure counts
+        self._room_freed = asyncio.Event()
+        self._work = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def close(self) -> None:
+        """Stop taking work, finish what is queued, stop the worker."""
+        self._closed = True
+        while self._queued_tokens:
+            self._room_freed.clear()
+            await self._room_freed.wait()
+        if self._worker:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._model_thread.shutdown(wait=True)
+
+    async def embed(self, rows: Sequence[Sequence[int]], *, wait: bool) -> np.ndarray:
+        """Unit vectors (len(rows), full dims), in order. Raises QueueFullError if full and not `wait`."""
+        if self._closed:
+            raise UnavailableError("server is shutting down")
+        cost = sum(len(row) for row in rows)
+        await self._reserve(cost, wait)
+        loop = asyncio.get_running_loop()
+        items = [_Item(row, loop.create_future()) for row in rows]
+        self._pending.extend(items)
+        self._update_gauges()
+        self._work.set()
+        try:
+            return np.stack(await asyncio.gather(*(item.future for item in items)))
+        except BaseException:
+            # Cancelled or failed: whatever has not run yet leaves the queue now.
+            for item in items:
+                item.future.cancel()
+            self._pending = [item for item in self._pending if not item.future.done()]
+            raise
+        finally:
+            self._release(cost)
+
+    async def _reserve(self, cost: int, wait: bool) -> None:
+        # A request larger than the whole queue is still admitted when the queue is empty.
+        while self._queued_tokens and self._queued_tokens + cost > self._max_queue_tokens:
+            if not wait:
+                raise QueueFullError(self._queued_tokens, self._max_queue_tokens)
+            self._room_freed.clear()
+            await self._room_freed.wait()
+        self._queued_tokens += cost
+
+    def _release(self, cost: int) -> None:
+        self._queued_tokens -= cost
+        self._room_freed.set()  # every waiter re-checks whether it fits now
+        self._update_gauges()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._work.wait()
+            pending_tokens = sum(item.tokens for item in self._pending)
+            if pending_tokens < self._max_batch_tokens and self._max_wait_s > 0:
+                await asyncio.sleep(self._max_wait_s)  # let a burst gather into one batch
+            self._work.clear()
+            round_items, self._pending = self._pending, []
+            round_items = [item for item in round_items if not item.future.done()]
+            if not round_items:
+                continue
+            for batch_indices in plan_batches([item.tokens for item in round_items], self._max_batch_tokens):
+                batch = [round_items[i] for i in batch_indices if not round_items[i].future.done()]
+                if batch:
+                    await self._run_batch(loop, batch)
+            self._update_gauges()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        started = time.monotonic()
+        try:
+            vectors = await loop.run_in_executor(self._model_thread, self._engine.forward, [i.ids for i in batch])
+        except Exception as error:  # the batch fails, the server does not
+            log.exception("forward pass failed for a batch of %d", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        for item, vector in zip(batch, vectors, strict=True):
+            if not item.future.done():
+                item.future.set_result(vector)
+        if self._metrics:
+            self._metrics.observe_batch(
+                rows=len(batch),
+                real_tokens=sum(item.tokens for item in batch),
+                padded_tokens=len(batch) * max(item.tokens for item in batch),
+                seconds=time.monotonic() - started,
+            )
+
+    def _update_gauges(self) -> None:
+        if self._metrics:
+            self._metrics.queue_requests.set(len(self._pending))
+            self._metrics.queue_tokens.set(self._queued_tokens)

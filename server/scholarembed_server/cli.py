@@ -1,0 +1,156 @@
+"""`scholarembed` command line: serve, embed (bulk, through a server or in-process), info.
+
+torch and transformers are imported only by the commands that need them, so `scholarembed embed
+--server ...` and `scholarembed info` work with the light client install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+StreamItem = str | tuple[str, str]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scholarembed", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the model over gRPC")
+    from .config import add_arguments
+
+    add_arguments(serve)
+
+    embed = commands.add_parser("embed", help="bulk-encode a JSONL or text file into a .npy matrix")
+    embed.add_argument("--input", required=True, type=Path, help="JSONL (text/title fields) or plain text, one per line")
+    embed.add_argument("--output", required=True, type=Path, help="output .npy file, (n, dimensions) float32")
+    embed.add_argument("--type", default="passage", choices=["query", "passage", "raw"], help="input type")
+    embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka dimension; 0 = full size")
+    embed.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    embed.add_argument("--title-field", default="title", help="JSONL field holding the title (passages)")
+    embed.add_argument("--batch-size", type=int, default=64, help="texts per request")
+    source = embed.add_mutually_exclusive_group()
+    source.add_argument("--server", default="127.0.0.1:50051", help="server address (default)")
+    source.add_argument("--model", help="run in-process with this model (hub id or folder) instead of a server")
+    embed.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
+    embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    info = commands.add_parser("info", help="print the model info of a running server")
+    info.add_argument("--server", default="127.0.0.1:50051")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "serve":
+        from .app import serve as run_server
+        from .config import from_arguments
+
+        asyncio.run(run_server(from_arguments(args)))
+        return 0
+    if args.command == "info":
+        from scholarembed import Client
+
+        with Client(args.server) as client:
+            print(json.dumps(client.model_info().__dict__, indent=2))
+        return 0
+    return embed_file(args)
+
+
+def read_items(path: Path, input_type: str, text_field: str, title_field: str) -> Iterator[StreamItem]:
+    """Texts (or (title, text) pairs for passages) from a JSONL or plain-text file, lazily."""
+    is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if not is_jsonl:
+                yield line.rstrip("\n")
+                continue
+            record: Any = json.loads(line)
+            if isinstance(record, str):
+                yield record
+                continue
+            if text_field not in record:
+                raise SystemExit(f"{path}:{line_number}: no {text_field!r} field")
+            title = str(record.get(title_field) or "") if input_type == "passage" else ""
+            yield (title, str(record[text_field])) if title else str(record[text_field])
+
+
+def count_items(path: Path) -> int:
+    with path.open(encoding="utf-8") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def embed_file(args: argparse.Namespace) -> int:
+    """Write vectors into a preallocated .npy memmap as they arrive: memory stays flat on any corpus size."""
+    from tqdm import tqdm
+
+    total = count_items(args.input)
+    items = read_items(args.input, args.type, args.text_field, args.title_field)
+    if args.model:
+        dimensions, batches = _embed_in_process(args, items)
+    else:
+        dimensions, batches = _embed_through_server(args, items)
+    output = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32, shape=(total, dimensions))
+    written = 0
+    with tqdm(total=total, unit="text", disable=args.no_progress, file=sys.stderr) as progress:
+        for vectors in batches:
+            output[written : written + len(vectors)] = vectors
+            written += len(vectors)
+            progress.update(len(vectors))
+    output.flush()
+    del output
+    print(f"wrote {written} x {dimensions} vectors to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _embed_through_server(args: argparse.Namespace, items: Iterator[StreamItem]) -> tuple[int, Iterator[np.ndarray]]:
+    from scholarembed import Client
+
+    client = Client(args.server, timeout=None)
+    info = client.model_info()
+    dimensions = args.dimensions or info.dimensions
+
+    def batches() -> Iterator[np.ndarray]:
+        with client:
+            yield from client.embed_stream(
+                items, input_type=args.type, dimensions=args.dimensions, batch_size=args.batch_size
+            )
+
+    return dimensions, batches()
+
+
+def _embed_in_process(args: argparse.Namespace, items: Iterator[StreamItem]) -> tuple[int, Iterator[np.ndarray]]:
+    from .engine import EmbeddingEngine, InputType
+
+    engine = EmbeddingEngine.load(args.model, device=args.device)
+    dimensions = engine.check_dimensions(args.dimensions)
+    input_type = InputType(args.type)
+    chunk_size = max(args.batch_size, 1024)  # large chunks let the engine sort by length
+
+    def batches() -> Iterator[np.ndarray]:
+        from itertools import islice
+
+        while chunk := list(islice(items, chunk_size)):
+            pairs = [("", item) if isinstance(item, str) else item for item in chunk]
+            titles = [title for title, _ in pairs]
+            texts = [text for _, text in pairs]
+            yield engine.encode(
+                texts, input_type, titles=titles if any(titles) else None, dimensions=dimensions
+            ).vectors
+
+    return dimensions, batches()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Server configuration: one dataclass, filled from flags, each flag defaulting to an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import DEFAULT_MODEL
+
+ENV_PREFIX = "SCHOLAREMBED_"
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ServerConfig:
+    model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local folder of the model")
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit) when --model is a hub id")
+    host: str = _opt("127.0.0.1", "address to bind; use 0.0.0.0 to serve beyond this machine")
+    port: int = _opt(50051, "gRPC port; 0 picks a free one (see --port-file)")
+    port_file: str | None = _opt(None, "write the bound gRPC port to this file once serving")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _opt("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    max_tokens: int | None = _opt(None, "longest input in tokens; default: the model's own limit")
+    matryoshka_dims: str | None = _opt(None, "comma-separated dimensions a request may ask for, e.g. 768,512,256,128")
+    max_texts_per_request: int = _opt(1024, "most texts in one EmbedRequest")
+    max_batch_tokens: int = _opt(16384, "padded-token budget of one forward pass (rows x longest row)")
+    max_queue_tokens: int = _opt(2_000_000, "tokens that may wait; beyond, unary calls get RESOURCE_EXHAUSTED")
+    max_wait_ms: float = _opt(2.0, "how long a lone request waits for company before its batch runs")
+    max_message_bytes: int = _opt(32 * 1024 * 1024, "largest gRPC message accepted or sent")
+    stream_window: int = _opt(8, "requests of one EmbedStream processed at once; the rest wait in flow control")
+    tokenizer_threads: int = _opt(2, "threads that tokenize, overlapping the forward pass")
+    metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port (0 picks a free one)")
+    grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
+
+    @property
+    def matryoshka_dim_list(self) -> list[int] | None:
+        if not self.matryoshka_dims:
+            return None
+        return [int(part) for part in str(self.matryoshka_dims).split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field; each flag's default comes from SCHOLAREMBED_<FIELD> if set."""
+    for config_field in dataclasses.fields(ServerConfig):
+        env_name = ENV_PREFIX + config_field.name.upper()
+        default = os.environ.get(env_name, config_field.default)
+        kind = _field_type(config_field)
+        parser.add_argument(
+            "--" + config_field.name.replace("_", "-"),
+            type=kind,
+            default=None if default is None else kind(default),
+            help=f"{config_field.metadata['help']} [env {env_name}; default {config_field.default}]",
+        )
+
+
+def from_arguments(arguments: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(arguments, f.name) for f in dataclasses.fields(ServerConfig)})
+
+
+def _field_type(config_field: dataclasses.Field[Any]) -> type:
+    annotation = str(config_field.type)
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str

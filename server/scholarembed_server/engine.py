@@ -1,0 +1,464 @@
+"""The embedding engine: the one place that turns texts into vectors.
+
+Every door (the gRPC batcher, the Triton model, the CLI's in-process mode, the benchmark) goes
+through `EmbeddingEngine`: prompt -> tokenize -> forward -> pool -> (Dense) -> normalise ->
+Matryoshka truncate -> re-normalise. There is no second copy of any of these steps.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidArgumentError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "LinerAI/embeddinggemma-300m-academic"
+EMBEDDINGGEMMA_MATRYOSHKA_DIMS = (768, 512, 256, 128)
+
+
+class InputType(enum.Enum):
+    QUERY = "query"
+    PASSAGE = "passage"
+    RAW = "raw"
+
+
+class Truncation(enum.Enum):
+    END = "end"  # keep the first max_tokens tokens and flag the text
+    ERROR = "error"  # reject the text
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """str.format templates per input type; RAW text is never templated."""
+
+    query: str = "{text}"
+    passage: str = "{title} {text}"
+    passage_untitled: str = "{text}"
+
+    def apply(self, texts: Sequence[str], input_type: InputType, titles: Sequence[str] | None = None) -> list[str]:
+        if input_type is InputType.RAW:
+            return list(texts)
+        if input_type is InputType.QUERY:
+            return [self.query.format(text=text) for text in texts]
+        titles = titles or [""] * len(texts)
+        return [
+            self.passage.format(title=title, text=text) if title else self.passage_untitled.format(text=text)
+            for title, text in zip(titles, texts, strict=True)
+        ]
+
+
+# The model card's formats for EmbeddingGemma and its fine-tunes (retrieval task).
+EMBEDDINGGEMMA_PROMPTS = PromptTemplates(
+    query="task: search result | query: {text}",
+    passage="title: {title} | text: {text}",
+    passage_untitled="title: none | text: {text}",
+)
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class EncodeResult:
+    vectors: np.ndarray  # (n, dimensions) float32, unit L2 norm
+    token_counts: list[int]
+    truncated: list[bool]
+
+
+def matryoshka(vectors: np.ndarray, dimensions: int) -> np.ndarray:
+    """Keep the first `dimensions` components and re-normalise to unit length."""
+    if dimensions == vectors.shape[1]:
+        return vectors
+    head = vectors[:, :dimensions]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return (head / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group indices into batches whose padded size (rows x longest row) fits the token budget.
+
+    Indices are sorted by length, longest first, so each batch holds similar lengths and padding
+    stays small. A single row longer than the budget still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted descending, so the first row of a batch is its longest.
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * longest > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _Dense(nn.Module):
+    """A sentence-transformers Dense module (linear + activation), applied after pooling."""
+
+    _ACTIVATIONS = {
+        "torch.nn.modules.linear.Identity": nn.Identity,
+        "torch.nn.modules.activation.Tanh": nn.Tanh,
+        "torch.nn.modules.activation.ReLU": nn.ReLU,
+        "torch.nn.modules.activation.GELU": nn.GELU,
+    }
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        config = json.loads((folder / "config.json").read_text())
+        activation_name = config.get("activation_function", "torch.nn.modules.linear.Identity")
+        if activation_name not in self._ACTIVATIONS:
+            raise ModelLoadError(f"{folder}: unsupported Dense activation {activation_name!r}")
+        self.linear = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+        self.activation = self._ACTIVATIONS[activation_name]()
+        self.load_state_dict(_load_state_dict(folder), strict=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(features))
+
+
+def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def resolve_model_folder(model: str, revision: str | None = None) -> tuple[Path, str]:
+    """Return (local folder, human-readable source). A hub id is fetched into, or read from, the HF cache.
+
+    HF_HUB_OFFLINE=1 is respected by huggingface_hub: then only the cache is consulted.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve(), str(path.resolve())
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r}: not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model, revision=revision))
+    except Exception as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else "it is neither a local folder nor downloadable from the hub"
+        )
+        raise ModelLoadError(f"model {model!r} could not be loaded: {hint} ({type(error).__name__}: {error})") from error
+    # Snapshot folders are named after the commit, so the source pins the exact revision.
+    return folder, f"{model}@{folder.name}"
+
+
+def fix_bidirectional_sliding_window(config: Any, raw_config: dict[str, Any]) -> None:
+    """Make the effective sliding window the one the model was trained with.
+
+    Gemma3 configs with use_bidirectional_attention store a window W (e.g. 512) that transformers
+    converts at load time to the exclusive half-width W // 2 + 1 (257). Checkpoints saved by
+    transformers releases whose to_dict did not undo that conversion store the converted value
+    (257), which newer releases convert once more (to 129), silently shrinking the window.
+    A stored odd value is such an already-converted width (converting an even window always
+    gives an odd one), so it is used as is.
+    """
+    if not raw_config.get("use_bidirectional_attention") or raw_config.get("sliding_window") is None:
+        return
+    stored = int(raw_config["sliding_window"])
+    effective = stored if stored % 2 == 1 else stored // 2 + 1
+    if getattr(config, "sliding_window", None) != effective:
+        log.warning("sliding_window: config says %d, loaded as %s; using %d", stored, config.sliding_window, effective)
+        config.sliding_window = effective
+
+
+@dataclass
+class EmbeddingEngine:
+    """A loaded model with its tokenizer, prompts and pooling head.
+
+    `forward` is the one synchronous call that turns a ready batch of token ids into unit vectors;
+    `encode` is the whole pipeline for a list of texts and is what simple doors call.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    max_tokens: int
+    prompts: PromptTemplates
+    matryoshka_dims: tuple[int, ...]
+    dense: nn.Sequential = field(default_factory=nn.Sequential)
+    pooling: str = "mean"
+
+    @property
+    def dimensions(self) -> int:
+        return self.matryoshka_dims[0]
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_tokens: int | None = None,
+        revision: str | None = None,
+        matryoshka_dims: Sequence[int] | None = None,
+        prompts: PromptTemplates | None = None,
+    ) -> EmbeddingEngine:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        folder, source = resolve_model_folder(model, revision)
+        torch_device = torch.device(_resolve_device(device))
+        torch_dtype = _resolve_dtype(dtype, torch_device)
+        raw_config = _read_json(folder / "config.json")
+        if not isinstance(raw_config, dict):
+            raise ModelLoadError(f"model {model!r}: {folder} has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(folder)
+            fix_bidirectional_sliding_window(config, raw_config)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            hf_model = AutoModel.from_pretrained(folder, config=config, dtype=torch_dtype, attn_implementation="sdpa")
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"model {model!r} could not be loaded from {folder}: {error}") from error
+        hf_model.to(torch_device).eval()
+
+        modules = _read_json(folder / "modules.json") or []
+        pooling = "mean"
+        dense_layers: list[nn.Module] = []
+        for module in modules:
+            module_type = module.get("type", "")
+            module_folder = folder / module.get("path", "")
+            if module_type.endswith(".Pooling"):
+                pooling = _pooling_mode(module_folder)
+            elif module_type.endswith(".Dense"):
+                dense_layers.append(_Dense(module_folder))
+        dense = nn.Sequential(*dense_layers).to(torch_device).eval()  # kept in fp32: it is tiny
+
+        hidden_size = int(getattr(hf_model.config, "hidden_size"))
+        full_dims = dense_layers[-1].linear.out_features if dense_layers else hidden_size
+        family_is_embeddinggemma = raw_config.get("model_type") == "gemma3_text" and bool(
+            raw_config.get("use_bidirectional_attention")
+        )
+        if matryoshka_dims:
+            dims = tuple(sorted({int(d) for d in matryoshka_dims} | {full_dims}, reverse=True))
+            if dims[0] != full_dims:
+                raise ModelLoadError(f"matryoshka dimensions {dims} exceed the model's {full_dims}")
+        elif family_is_embeddinggemma and full_dims == EMBEDDINGGEMMA_MATRYOSHKA_DIMS[0]:
+            dims = EMBEDDINGGEMMA_MATRYOSHKA_DIMS
+        else:
+            dims = (full_dims,)
+
+        if prompts is None:
+            prompts = _prompts_from_folder(folder) or (
+                EMBEDDINGGEMMA_PROMPTS if family_is_embeddinggemma else PromptTemplates()
+            )
+        limit = _model_max_tokens(folder, hf_model.config, tokenizer)
+        if max_tokens:
+            position_limit = getattr(hf_model.config, "max_position_embeddings", None) or max_tokens
+            limit = min(max_tokens, int(position_limit))
+        model_id = model if source.startswith(model) and not Path(model).is_dir() else folder.name
+        engine = cls(
+            model=hf_model,
+            tokenizer=tokenizer,
+            model_id=model_id,
+            source=source,
+            device=torch_device,
+            dtype=torch_dtype,
+            max_tokens=limit,
+            prompts=prompts,
+            matryoshka_dims=dims,
+            dense=dense,
+            pooling=pooling,
+        )
+        log.info(
+            "loaded %s from %s on %s (%s): %d dims, max %d tokens",
+            model_id, source, torch_device, torch_dtype, dims[0], limit,
+        )
+        return engine
+
+    def tokenize(self, texts: Sequence[str], truncation: Truncation = Truncation.END) -> list[TokenizedText]:
+        """Token ids per (already prompted) text, special tokens included, cut to max_tokens.
+
+        Under Truncation.ERROR a text over the limit raises InvalidArgumentError naming texts[i].
+        """
+        encoded = self.tokenizer(
+            list(texts), add_special_tokens=True, truncation=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
+        result = []
+        for index, ids in enumerate(encoded):
+            if len(ids) <= self.max_tokens:
+                result.append(TokenizedText(ids, truncated=False))
+                continue
+            if truncation is Truncation.ERROR:
+                raise InvalidArgumentError(
+                    f"texts[{index}]",
+                    f"{len(ids)} tokens (prompt included) exceed the model's limit of {self.max_tokens}",
+                )
+            # Re-tokenize with the tokenizer's own truncation so special tokens (e.g. EOS) survive.
+            cut = self.tokenizer(
+                texts[index], add_special_tokens=True, truncation=True, max_length=self.max_tokens,
+                return_attention_mask=False,
+            )["input_ids"]
+            result.append(TokenizedText(cut, truncated=True))
+        return result
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embed a ready batch of token-id rows: (n, full dims) float32 unit vectors, one per row, in order.
+
+        Rows are right-padded; padding never changes a vector because pooling ignores masked positions
+        and every position's attention is masked to real tokens.
+        """
+        longest = max(len(row) for row in batch)
+        input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row_index, row in enumerate(batch):
+            input_ids[row_index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            attention_mask[row_index, : len(row)] = 1
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        attention_mask = attention_mask.to(self.device, non_blocking=True)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = self._pool(hidden.float(), attention_mask.bool())
+        pooled = self.dense(pooled)
+        return F.normalize(pooled, p=2, dim=-1).cpu().numpy()
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        # torch.where, not hidden * mask: a NaN or inf in a padded position must not leak into the sum.
+        summed = torch.where(mask.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        counts = mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return summed.sum(dim=1) / counts
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        input_type: InputType,
+        *,
+        titles: Sequence[str] | None = None,
+        dimensions: int = 0,
+        truncation: Truncation = Truncation.END,
+        max_batch_tokens: int = 16384,
+    ) -> EncodeResult:
+        """Prompt, tokenize and embed texts in length-sorted token-budget batches; one vector per text, in order."""
+        dimensions = self.check_dimensions(dimensions)
+        tokenized = self.tokenize(self.prompts.apply(texts, input_type, titles), truncation)
+        vectors = np.empty((len(tokenized), self.dimensions), dtype=np.float32)
+        for batch in plan_batches([len(t.ids) for t in tokenized], max_batch_tokens):
+            vectors[batch] = self.forward([tokenized[i].ids for i in batch])
+        return EncodeResult(
+            vectors=matryoshka(vectors, dimensions),
+            token_counts=[len(t.ids) for t in tokenized],
+            truncated=[t.truncated for t in tokenized],
+        )
+
+    def check_dimensions(self, dimensions: int) -> int:
+        """Map 0 to the full size; reject anything that is not a Matryoshka dimension."""
+        if dimensions == 0:
+            return self.dimensions
+        if dimensions not in self.matryoshka_dims:
+            raise InvalidArgumentError(
+                "dimensions", f"{dimensions} is not one of {list(self.matryoshka_dims)} (or 0 for full size)"
+            )
+        return dimensions
+
+    def warmup(self) -> None:
+        """Run the shortest and the longest input once, so the first request pays no allocation cost."""
+        short = self.tokenize(["warmup"])[0].ids
+        self.forward([short])
+        self.forward([(short * self.max_tokens)[: self.max_tokens]])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def _pooling_mode(folder: Path) -> str:
+    config = _read_json(folder / "config.json") or {}
+    assert isinstance(config, dict)
+    if config.get("include_prompt", True) is False:
+        raise ModelLoadError(f"{folder}: pooling that excludes the prompt is not supported")
+    if config.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    raise ModelLoadError(f"{folder}: only mean and CLS pooling are supported, got {config}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _prompts_from_folder(folder: Path) -> PromptTemplates | None:
+    """Prompt templates from sentence-transformers' config_sentence_transformers.json, if it has any."""
+    config = _read_json(folder / "config_sentence_transformers.json")
+    prompts = config.get("prompts") if isinstance(config, dict) else None
+    if not prompts:
+        return None
+    query = _escape(prompts.get("query", "")) + "{text}"
+    document = _escape(prompts.get("document", prompts.get("passage", "")))
+    # The model card writes a passage's title into the prompt ("title: none | text: "); put it back.
+    titled = document.replace("title: none", "title: {title}") if "title: none" in document else document + "{title} "
+    return PromptTemplates(query=query, passage=titled + "{text}", passage_untitled=document + "{text}")
+
+
+def _model_max_tokens(folder: Path, config: Any, tokenizer: Any) -> int:
+    """sentence-transformers' max_seq_length if the folder has one (published scores depend on it),
+    else the smaller of the model's position limit and the tokenizer's limit."""
+    st_config = _read_json(folder / "sentence_bert_config.json")
+    if isinstance(st_config, dict) and st_config.get("max_seq_length"):
+        return int(st_config["max_seq_length"])
+    limits = [int(getattr(config, "max_position_embeddings", 0) or 0)]
+    tokenizer_limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    if 0 < tokenizer_limit < 1_000_000:  # transformers uses a huge sentinel for "no limit"
+        limits.append(tokenizer_limit)
+    limits = [limit for limit in limits if limit > 0]
+    return min(limits) if limits else 512

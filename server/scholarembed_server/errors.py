@@ -1,0 +1,46 @@
+"""Domain errors. The engine and batcher raise these; servicers map them to gRPC in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ScholarEmbedError(Exception):
+    """Base class: every subclass knows its gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgumentError(ScholarEmbedError):
+    """A request field is wrong. `field` is the path of the offending field, e.g. "texts[3]"."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class QueueFullError(ScholarEmbedError):
+    """The token-bounded queue cannot take a unary request now; the caller should retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, queued_tokens: int, max_queue_tokens: int, retry_after_s: float = 0.5) -> None:
+        super().__init__(
+            f"server busy: {queued_tokens} tokens queued of a {max_queue_tokens} limit; retry in {retry_after_s}s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(ScholarEmbedError):
+    """The server is warming up or draining."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadError(ScholarEmbedError):
+    """The model could not be found or loaded; raised at startup, never per request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

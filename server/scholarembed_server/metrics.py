@@ -1,0 +1,81 @@
+"""Prometheus metrics, one registry per server so that several servers can live in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "scholarembed_request_duration_seconds", "RPC latency by method and gRPC status code.",
+            ["rpc", "code"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_requests = Gauge(
+            "scholarembed_queue_requests", "Texts waiting in the batch queue.", registry=self.registry
+        )
+        self.queue_tokens = Gauge(
+            "scholarembed_queue_tokens", "Tokens queued or in the running batch (the backpressure measure).",
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "scholarembed_batch_size", "Texts per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry,
+        )
+        self.batch_padded_tokens = Histogram(
+            "scholarembed_batch_tokens", "Padded tokens (rows x longest row) per forward pass.",
+            buckets=(64, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
+        )
+        self.batch_padding_efficiency = Histogram(
+            "scholarembed_batch_padding_efficiency", "Real tokens / padded tokens per forward pass.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=self.registry,
+        )
+        self.tokens = Counter(
+            "scholarembed_embedded_tokens", "Real (unpadded) tokens embedded; rate() gives tokens per second.",
+            registry=self.registry,
+        )
+        self.texts = Counter("scholarembed_embedded_texts", "Texts embedded.", registry=self.registry)
+        self.forward_seconds = Histogram(
+            "scholarembed_forward_duration_seconds", "Time of one forward pass.",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def observe_batch(self, *, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_padded_tokens.observe(padded_tokens)
+        self.batch_padding_efficiency.observe(real_tokens / padded_tokens)
+        self.tokens.inc(real_tokens)
+        self.texts.inc(rows)
+        self.forward_seconds.observe(seconds)
+
+    @contextlib.contextmanager
+    def track(self, rpc: str) -> Iterator[_Outcome]:
+        """Time an RPC; the handler sets outcome.code if it ends with anything other than OK."""
+        outcome = _Outcome()
+        started = time.monotonic()
+        try:
+            yield outcome
+        except BaseException:
+            if outcome.code is grpc.StatusCode.OK:
+                outcome.code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.request_seconds.labels(rpc, outcome.code.name).observe(time.monotonic() - started)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose /metrics on its own port (0 picks a free one); returns the bound port."""
+        http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(http_server.server_port)
+
+@dataclass
+class _Outcome:
+    code: grpc.StatusCode = grpc.StatusCode.OK
