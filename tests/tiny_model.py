@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = (
+WORDS = tuple(
     "protein gene cell cancer tumor patient clinical trial study results method data model analysis "
     "effect treatment risk disease expression receptor signal pathway mouse human brain neuron "
     "virus infection immune response drug dose therapy outcome survival mortality cohort sample "
     "the of and in to a is was were with for by on that this from at as are be we our these "
-    "increase decrease high low significant association evidence claim support refute novel"
-).split()
+    "increase decrease high low significant association evidence claim support refute novel".split()
+)
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 400) -> None:
@@ -95,34 +95,60 @@ def build_tiny_embeddinggemma(
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
-        _write_json(folder / "1_Pooling" / "config.json", {
-            "word_embedding_dimension": hidden_size, "pooling_mode_mean_tokens": True, "include_prompt": True,
-        })
+        _write_json(
+            folder / "1_Pooling" / "config.json",
+            {
+                "word_embedding_dimension": hidden_size,
+                "pooling_mode_mean_tokens": True,
+                "include_prompt": True,
+            },
+        )
         if dense:
             from safetensors.torch import save_file
 
-            for index, (n_in, n_out) in enumerate([(hidden_size, hidden_size * 4), (hidden_size * 4, hidden_size)]):
+            shapes = [(hidden_size, hidden_size * 4), (hidden_size * 4, hidden_size)]
+            for index, (n_in, n_out) in enumerate(shapes):
                 path = f"{index + 2}_Dense"
-                modules.append({"idx": index + 2, "name": str(index + 2), "path": path,
-                                "type": "sentence_transformers.models.Dense"})
-                _write_json(folder / path / "config.json", {
-                    "in_features": n_in, "out_features": n_out, "bias": False,
-                    "activation_function": "torch.nn.modules.linear.Identity",
-                })
+                modules.append(
+                    {
+                        "idx": index + 2,
+                        "name": str(index + 2),
+                        "path": path,
+                        "type": "sentence_transformers.models.Dense",
+                    }
+                )
+                _write_json(
+                    folder / path / "config.json",
+                    {
+                        "in_features": n_in,
+                        "out_features": n_out,
+                        "bias": False,
+                        "activation_function": "torch.nn.modules.linear.Identity",
+                    },
+                )
                 weight = torch.randn(n_out, n_in) / n_in**0.5
                 save_file({"linear.weight": weight}, str(folder / path / "model.safetensors"))
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": "3_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
         _write_json(folder / "modules.json", modules)
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
-        _write_json(folder / "config_sentence_transformers.json", {
-            "prompts": {
-                "query": "task: search result | query: ",
-                "document": "title: none | text: ",
+        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length})
+        _write_json(
+            folder / "config_sentence_transformers.json",
+            {
+                "prompts": {
+                    "query": "task: search result | query: ",
+                    "document": "title: none | text: ",
+                },
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
             },
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        })
+        )
     return folder
 
 

@@ -218,8 +218,14 @@ class Client:
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._options = _Options(
-            target, timeout=timeout, tls=tls, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, max_message_bytes=max_message_bytes, channel_options=channel_options,
+            target,
+            timeout=timeout,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            max_message_bytes=max_message_bytes,
+            channel_options=channel_options,
         )
         if self._options.credentials is not None:
             self._channel = grpc.secure_channel(target, self._options.credentials, self._options.channel_options)
@@ -340,8 +346,14 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._options = _Options(
-            target, timeout=timeout, tls=tls, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, max_message_bytes=max_message_bytes, channel_options=channel_options,
+            target,
+            timeout=timeout,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            max_message_bytes=max_message_bytes,
+            channel_options=channel_options,
         )
         if self._options.credentials is not None:
             self._channel = grpc.aio.secure_channel(target, self._options.credentials, self._options.channel_options)

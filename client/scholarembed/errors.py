@@ -103,12 +103,12 @@ def from_rpc_error(error: grpc.RpcError) -> ScholarEmbedError:
     """Map a grpc.RpcError (sync or aio) to the typed exception, keeping rich details when present."""
     from grpc_status import rpc_status
 
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
     status: status_pb2.Status | None = None
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except (ValueError, AttributeError, TypeError):
         status = None
     if status is None:
-        status = status_pb2.Status(code=code.value[0], message=error.details() or "")  # type: ignore[attr-defined]
+        status = status_pb2.Status(code=code.value[0], message=error.details() or "")
     return from_status(status)

@@ -17,7 +17,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-
 from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc
 
 from .batcher import Batcher
@@ -90,7 +89,10 @@ class EmbeddingServer:
         if self.config.port_file:
             Path(self.config.port_file).write_text(str(self.port))
         log.info(
-            "serving %s on %s:%d (metrics port %s)", self.engine.model_id, self.config.host, self.port,
+            "serving %s on %s:%d (metrics port %s)",
+            self.engine.model_id,
+            self.config.host,
+            self.port,
             self.metrics_port,
         )
         return self.port

@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(serve)
 
     embed = commands.add_parser("embed", help="bulk-encode a JSONL or text file into a .npy matrix")
-    embed.add_argument("--input", required=True, type=Path, help="JSONL (text/title fields) or plain text, one per line")
+    embed.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="JSONL (text/title fields) or plain text, one text per line",
+    )
     embed.add_argument("--output", required=True, type=Path, help="output .npy file, (n, dimensions) float32")
     embed.add_argument("--type", default="passage", choices=["query", "passage", "raw"], help="input type")
     embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka dimension; 0 = full size")

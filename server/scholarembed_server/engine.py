@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 class _Dense(nn.Module):
     """A sentence-transformers Dense module (linear + activation), applied after pooling."""
 
-    _ACTIVATIONS = {
+    _ACTIVATIONS: ClassVar[dict[str, type[nn.Module]]] = {
         "torch.nn.modules.linear.Identity": nn.Identity,
         "torch.nn.modules.activation.Tanh": nn.Tanh,
         "torch.nn.modules.activation.ReLU": nn.ReLU,
@@ -170,7 +170,8 @@ def resolve_model_folder(model: str, revision: str | None = None) -> tuple[Path,
             if offline
             else "it is neither a local folder nor downloadable from the hub"
         )
-        raise ModelLoadError(f"model {model!r} could not be loaded: {hint} ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {error}"
+        raise ModelLoadError(f"model {model!r} could not be loaded: {hint} ({reason})") from error
     # Snapshot folders are named after the commit, so the source pins the exact revision.
     return folder, f"{model}@{folder.name}"
 
@@ -259,7 +260,7 @@ class EmbeddingEngine:
                 dense_layers.append(_Dense(module_folder))
         dense = nn.Sequential(*dense_layers).to(torch_device).eval()  # kept in fp32: it is tiny
 
-        hidden_size = int(getattr(hf_model.config, "hidden_size"))
+        hidden_size = int(hf_model.config.hidden_size)
         full_dims = dense_layers[-1].linear.out_features if dense_layers else hidden_size
         family_is_embeddinggemma = raw_config.get("model_type") == "gemma3_text" and bool(
             raw_config.get("use_bidirectional_attention")
@@ -297,7 +298,12 @@ class EmbeddingEngine:
         )
         log.info(
             "loaded %s from %s on %s (%s): %d dims, max %d tokens",
-            model_id, source, torch_device, torch_dtype, dims[0], limit,
+            model_id,
+            source,
+            torch_device,
+            torch_dtype,
+            dims[0],
+            limit,
         )
         return engine
 
@@ -321,7 +327,10 @@ class EmbeddingEngine:
                 )
             # Re-tokenize with the tokenizer's own truncation so special tokens (e.g. EOS) survive.
             cut = self.tokenizer(
-                texts[index], add_special_tokens=True, truncation=True, max_length=self.max_tokens,
+                texts[index],
+                add_special_tokens=True,
+                truncation=True,
+                max_length=self.max_tokens,
                 return_attention_mask=False,
             )["input_ids"]
             result.append(TokenizedText(cut, truncated=True))
@@ -414,8 +423,14 @@ def _resolve_device(device: str) -> str:
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ModelLoadError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return names[dtype]

@@ -17,36 +17,49 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
-            "scholarembed_request_duration_seconds", "RPC latency by method and gRPC status code.",
-            ["rpc", "code"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "scholarembed_request_duration_seconds",
+            "RPC latency by method and gRPC status code.",
+            ["rpc", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.queue_requests = Gauge(
             "scholarembed_queue_requests", "Texts waiting in the batch queue.", registry=self.registry
         )
         self.queue_tokens = Gauge(
-            "scholarembed_queue_tokens", "Tokens queued or in the running batch (the backpressure measure).",
+            "scholarembed_queue_tokens",
+            "Tokens queued or in the running batch (the backpressure measure).",
             registry=self.registry,
         )
         self.batch_rows = Histogram(
-            "scholarembed_batch_size", "Texts per forward pass.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry,
+            "scholarembed_batch_size",
+            "Texts per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
         )
         self.batch_padded_tokens = Histogram(
-            "scholarembed_batch_tokens", "Padded tokens (rows x longest row) per forward pass.",
-            buckets=(64, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
+            "scholarembed_batch_tokens",
+            "Padded tokens (rows x longest row) per forward pass.",
+            buckets=(64, 256, 1024, 4096, 16384, 65536, 262144),
+            registry=self.registry,
         )
         self.batch_padding_efficiency = Histogram(
-            "scholarembed_batch_padding_efficiency", "Real tokens / padded tokens per forward pass.",
-            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=self.registry,
+            "scholarembed_batch_padding_efficiency",
+            "Real tokens / padded tokens per forward pass.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
+            registry=self.registry,
         )
         self.tokens = Counter(
-            "scholarembed_embedded_tokens", "Real (unpadded) tokens embedded; rate() gives tokens per second.",
+            "scholarembed_embedded_tokens",
+            "Real (unpadded) tokens embedded; rate() gives tokens per second.",
             registry=self.registry,
         )
         self.texts = Counter("scholarembed_embedded_texts", "Texts embedded.", registry=self.registry)
         self.forward_seconds = Histogram(
-            "scholarembed_forward_duration_seconds", "Time of one forward pass.",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "scholarembed_forward_duration_seconds",
+            "Time of one forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
 
     def observe_batch(self, *, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
@@ -75,6 +88,7 @@ class Metrics:
         """Expose /metrics on its own port (0 picks a free one); returns the bound port."""
         http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(http_server.server_port)
+
 
 @dataclass
 class _Outcome:

