@@ -64,7 +64,10 @@ def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -148,8 +151,8 @@ class InProcessServer:
 def in_process_server(tiny_engine: Any) -> Iterator[Any]:
     servers: list[InProcessServer] = []
 
-    def start(**overrides: Any) -> InProcessServer:
-        server = InProcessServer(tiny_engine, **overrides)
+    def start(engine: Any = None, **overrides: Any) -> InProcessServer:
+        server = InProcessServer(engine or tiny_engine, **overrides)
         servers.append(server)
         return server
 

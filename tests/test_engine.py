@@ -136,7 +136,10 @@ def test_bare_gemma_folder_gets_the_model_card_prompts_and_plain_pooling(tmp_pat
     assert engine.max_tokens == 512  # the model's position limit: no sentence_bert_config.json
     card = ModelCard(folder)
     texts = mixed_texts(9)
-    assert cosine(engine.encode(texts, InputType.QUERY).vectors, [card.embed(card_query(t)) for t in texts]).min() >= ORACLE
+    assert (
+        cosine(engine.encode(texts, InputType.QUERY).vectors, [card.embed(card_query(t)) for t in texts]).min()
+        >= ORACLE
+    )
 
 
 def test_sliding_window_is_the_trained_one_whichever_form_the_config_stores(tmp_path) -> None:

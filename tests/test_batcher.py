@@ -1,0 +1,180 @@
+"""Batching, backpressure, cancellation and drain, on a real server whose forward pass can be held.
+
+`HeldEngine` is the real tiny engine; it only lets a test hold the forward pass at a gate, so that
+"the queue is full" and "this call is in flight" are states the test controls, not races it hopes for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from reference import cosine
+
+import scholarembed
+from scholarembed import Client
+from scholarembed.v1 import embedding_pb2 as pb
+from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
+from scholarembed_server.batcher import Batcher
+from scholarembed_server.errors import QueueFullError
+
+
+class HeldEngine:
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+        self.batches: list[list[list[int]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def forward(self, batch: Any) -> np.ndarray:
+        self.batches.append([list(row) for row in batch])
+        self.entered.release()
+        assert self.gate.wait(60)
+        return self._engine.forward(batch)
+
+    def hold(self) -> None:
+        self.gate.clear()
+        while self.entered.acquire(blocking=False):
+            pass
+
+
+@pytest.fixture
+def held(tiny_engine) -> HeldEngine:
+    return HeldEngine(tiny_engine)
+
+
+def token_rows(engine: Any, texts: list[str]) -> list[list[int]]:
+    return [t.ids for t in engine.tokenize(texts)]
+
+
+def test_batcher_returns_one_vector_per_row_in_order(tiny_engine) -> None:
+    rows = token_rows(tiny_engine, ["protein", "gene expression in the brain of mice", "x", "tumor cell"])
+
+    async def run() -> list[np.ndarray]:
+        batcher = Batcher(tiny_engine, max_batch_tokens=16, max_queue_tokens=10_000)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.embed(rows[i::2], wait=False) for i in range(2)))
+        finally:
+            await batcher.close()
+
+    first, second = asyncio.run(run())
+    expected = np.stack([tiny_engine.forward([row])[0] for row in rows])
+    assert cosine(first, expected[0::2]).min() >= 0.99999
+    assert cosine(second, expected[1::2]).min() >= 0.99999
+
+
+def test_concurrent_requests_share_forward_passes(held) -> None:
+    rows = token_rows(held, [f"protein {i}" for i in range(8)])
+
+    async def run() -> None:
+        batcher = Batcher(held, max_batch_tokens=4096, max_queue_tokens=10_000, max_wait_s=0.05)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.embed([row], wait=False) for row in rows))
+        finally:
+            await batcher.close()
+
+    asyncio.run(run())
+    assert len(held.batches) < len(rows)
+    assert max(len(batch) for batch in held.batches) > 1
+
+
+def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
+    rows = token_rows(held, ["protein gene cell cancer tumor"] * 2)  # ~12 tokens each
+
+    async def run() -> None:
+        batcher = Batcher(held, max_batch_tokens=4096, max_queue_tokens=len(rows[0]) + 1, max_wait_s=0)
+        batcher.start()
+        held.hold()
+        first = asyncio.ensure_future(batcher.embed([rows[0]], wait=False))
+        await asyncio.get_running_loop().run_in_executor(None, held.entered.acquire)
+        with pytest.raises(QueueFullError):
+            await batcher.embed([rows[1]], wait=False)
+        waiting = asyncio.ensure_future(batcher.embed([rows[1]], wait=True))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # a stream waits for room instead of failing
+        held.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, waiting), 30)
+        assert batcher.queued_tokens == 0
+        await batcher.close()
+
+    asyncio.run(run())
+
+
+def test_unary_overload_is_resource_exhausted_with_retry_hint(held, in_process_server) -> None:
+    server = in_process_server(engine=held, max_queue_tokens=20, max_wait_ms=0)
+    held.hold()
+    with Client(server.address) as client, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(client.embed_queries, ["protein"])
+        assert held.entered.acquire(timeout=30)
+        with pytest.raises(scholarembed.ResourceExhaustedError) as raised:
+            client.embed_queries(["gene expression"])
+        assert raised.value.retry_after_s and raised.value.retry_after_s > 0
+        held.gate.set()
+        assert in_flight.result(30).shape == (1, 64)
+        assert client.embed_queries(["gene expression"]).shape == (1, 64)
+
+
+def test_cancelled_call_leaves_the_queue_before_the_forward_pass(held, in_process_server) -> None:
+    server = in_process_server(engine=held, max_wait_ms=0)
+    held.hold()
+    with Client(server.address) as client, ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(client.embed_queries, ["protein"])
+        assert held.entered.acquire(timeout=30)
+        with pytest.raises(scholarembed.DeadlineExceededError):
+            client.embed(["zebrafish neuron survival"], input_type="raw", timeout=0.5)
+        time.sleep(0.2)  # let the server see the cancellation
+        held.gate.set()
+        blocker.result(30)
+        cancelled_row = token_rows(held, ["zebrafish neuron survival"])[0]
+        assert all(cancelled_row not in batch for batch in held.batches)
+        assert server.server.batcher.queued_tokens == 0
+        assert client.embed_queries(["still serving"]).shape == (1, 64)
+
+
+def test_not_serving_until_warm_then_drain_finishes_in_flight_calls(held, in_process_server) -> None:
+    server = in_process_server(engine=held, max_wait_ms=0)
+    with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(2) as pool:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        held.hold()
+        in_flight = pool.submit(stub.Embed, pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY))
+        assert held.entered.acquire(timeout=30)
+        stopping = pool.submit(server.run, server.server.stop(10))
+        deadline = time.monotonic() + 10
+        while server.server.health._server_status.get("") != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Embed(pb.EmbedRequest(texts=["late"], input_type=pb.INPUT_TYPE_QUERY), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        held.gate.set()
+        assert len(in_flight.result(30).embeddings) == 1  # the acknowledged call completed
+        stopping.result(30)
+
+
+def test_warming_server_answers_unavailable(tiny_engine, in_process_server) -> None:
+    server = in_process_server()
+    server.server.servicer.ready = False
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            pb_grpc.EmbeddingServiceStub(channel).Embed(
+                pb.EmbedRequest(texts=["x"], input_type=pb.INPUT_TYPE_QUERY), timeout=5
+            )
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert rpc_status.from_call(raised.value) is not None
+    server.server.servicer.ready = True
