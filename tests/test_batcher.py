@@ -169,7 +169,7 @@ def test_not_serving_until_warm_then_drain_finishes_in_flight_calls(held, in_pro
 
 def test_warming_server_answers_unavailable(tiny_engine, in_process_server) -> None:
     server = in_process_server()
-    server.server.servicer.ready = False
+    server.server.embedder.ready = False
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as raised:
             pb_grpc.EmbeddingServiceStub(channel).Embed(
@@ -177,4 +177,4 @@ def test_warming_server_answers_unavailable(tiny_engine, in_process_server) -> N
             )
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert rpc_status.from_call(raised.value) is not None
-    server.server.servicer.ready = True
+    server.server.embedder.ready = True

@@ -7,10 +7,10 @@ import enum
 import itertools
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -18,6 +18,8 @@ import numpy as np
 from . import errors
 from .v1 import embedding_pb2 as pb
 from .v1 import embedding_pb2_grpc as pb_grpc
+from .v1 import search_pb2 as spb
+from .v1 import search_pb2_grpc as spb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -73,6 +75,125 @@ class ModelInfo:
     max_texts_per_request: int
     max_batch_tokens: int
     max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage to store: id (unique in its collection), text, optional title and string metadata."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result; title, text and metadata are filled only when include_passages=True."""
+
+    id: str
+    score: float
+    title: str = ""
+    text: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Collection:
+    name: str
+    passage_count: int
+    dimensions: int
+    index_kind: str
+    vector_storage: str
+    model: str
+
+
+@dataclass(frozen=True)
+class UpsertAck:
+    """One acknowledged upsert request: these ids are embedded and durably stored."""
+
+    request_id: str
+    ids: list[str]
+    upserted: int
+
+
+PassageLike = Passage | Mapping[str, Any]
+"""A Passage, or a mapping with id (or BEIR's _id), text, and optional title and metadata."""
+
+
+def passage_message(passage: PassageLike) -> spb.Passage:
+    if isinstance(passage, Passage):
+        return spb.Passage(id=passage.id, title=passage.title, text=passage.text, metadata=dict(passage.metadata))
+    return spb.Passage(
+        id=str(passage.get("id", passage.get("_id", ""))),
+        title=str(passage.get("title") or ""),
+        text=str(passage.get("text") or ""),
+        metadata={str(k): str(v) for k, v in (passage.get("metadata") or {}).items()},
+    )
+
+
+def _passage(message: spb.Passage) -> Passage:
+    return Passage(message.id, message.text, message.title, dict(message.metadata))
+
+
+def _hits(result: spb.QueryResult) -> list[Hit]:
+    return [Hit(h.id, h.score, h.title, h.text, dict(h.metadata)) for h in result.hits]
+
+
+def _collection(message: spb.Collection) -> Collection:
+    return Collection(
+        name=message.name,
+        passage_count=message.passage_count,
+        dimensions=message.dimensions,
+        index_kind=spb.IndexKind.Name(message.index_kind).removeprefix("INDEX_KIND_").lower(),
+        vector_storage=spb.VectorStorage.Name(message.vector_storage).removeprefix("VECTOR_STORAGE_").lower(),
+        model=message.model,
+    )
+
+
+def _collection_options(index_kind: str | None, vector_storage: str | None) -> spb.CollectionOptions:
+    return spb.CollectionOptions(
+        index_kind=(
+            spb.IndexKind.Value(f"INDEX_KIND_{index_kind.upper()}") if index_kind else spb.INDEX_KIND_UNSPECIFIED
+        ),
+        vector_storage=(
+            spb.VectorStorage.Value(f"VECTOR_STORAGE_{vector_storage.upper()}")
+            if vector_storage
+            else spb.VECTOR_STORAGE_UNSPECIFIED
+        ),
+    )
+
+
+def _upsert_request(
+    collection: str, number: int, chunk: list[PassageLike], options: spb.CollectionOptions, ids: dict[str, list[str]]
+) -> tuple[str, spb.UpsertPassagesRequest]:
+    """The request for one batch; records its ids under its request id, to be reported when acked."""
+    messages = [passage_message(p) for p in chunk]
+    request_id = str(number)
+    ids[request_id] = [m.id for m in messages]
+    return request_id, spb.UpsertPassagesRequest(
+        collection=collection, passages=messages, request_id=request_id, options=options
+    )
+
+
+def _search_request(
+    collection: str,
+    queries: Sequence[str],
+    top_k: int,
+    dimensions: int | None,
+    include_passages: bool,
+    metadata_filter: Mapping[str, str] | None,
+) -> spb.SearchRequest:
+    if isinstance(queries, str):
+        raise TypeError("queries must be a sequence of strings, not a single string")
+    return spb.SearchRequest(
+        collection=collection,
+        queries=list(queries),
+        top_k=top_k,
+        dimensions=dimensions or 0,
+        include_passages=include_passages,
+        filter=dict(metadata_filter or {}),
+    )
 
 
 StreamItem = str | tuple[str, str]
@@ -198,6 +319,115 @@ class _Options:
         ]
 
 
+class _StreamResponse(Protocol):
+    request_id: str
+
+    def HasField(self, field_name: str) -> bool: ...
+
+    @property
+    def error(self) -> Any: ...
+
+
+R = TypeVar("R", bound=_StreamResponse)
+
+
+def _check_stream_response(response: R, expected_id: str) -> R:
+    if response.request_id != expected_id:
+        raise errors.InternalError(f"stream out of order: got {response.request_id!r}, expected {expected_id!r}")
+    if response.HasField("error"):
+        raise errors.from_status(response.error, request_id=response.request_id)
+    return response
+
+
+def _ordered_stream(method: Any, messages: Iterable[tuple[str, Any]], max_in_flight: int) -> Iterator[Any]:
+    """Run a bidirectional stream whose server answers each request once, in order.
+
+    `messages` yields (request_id, request) and is read lazily, never more than `max_in_flight`
+    requests ahead of the answers: memory stays flat whatever the input size. Each answer is checked
+    (order, in-band error -> typed exception) before it is yielded.
+    """
+    slots = threading.BoundedSemaphore(max_in_flight)
+    sent: deque[str] = deque()
+    stop = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        for request_id, message in messages:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            sent.append(request_id)
+            yield message
+
+    responses = method(requests())
+    try:
+        for response in responses:
+            checked = _check_stream_response(response, sent.popleft())
+            slots.release()
+            yield checked
+    except grpc.RpcError as error:
+        raise errors.from_rpc_error(error) from None
+    finally:
+        stop.set()
+        responses.cancel()
+
+
+async def _ordered_stream_async(
+    method: Any, messages: AsyncIterator[tuple[str, Any]], max_in_flight: int
+) -> AsyncIterator[Any]:
+    """asyncio twin of _ordered_stream."""
+    slots = asyncio.Semaphore(max_in_flight)
+    sent: deque[str] = deque()
+
+    async def requests() -> AsyncIterator[Any]:
+        async for request_id, message in messages:
+            await slots.acquire()
+            sent.append(request_id)
+            yield message
+
+    call = method(requests())
+    try:
+        async for response in call:
+            checked = _check_stream_response(response, sent.popleft())
+            slots.release()
+            yield checked
+    except grpc.RpcError as error:
+        raise errors.from_rpc_error(error) from None
+    finally:
+        call.cancel()
+
+
+async def _aiter_chunks(items: Iterable[T] | AsyncIterable[T], size: int) -> AsyncIterator[list[T]]:
+    if isinstance(items, AsyncIterable):
+        chunk: list[T] = []
+        async for item in items:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+    else:
+        for chunk in _batched(items, size):
+            yield chunk
+
+
+def _embed_stream_messages(
+    chunks: Iterable[list[StreamItem]], input_type: InputType | str, dimensions: int | None, encoding: Encoding | str
+) -> Iterator[tuple[str, pb.EmbedStreamRequest]]:
+    for number, chunk in enumerate(chunks):
+        yield str(number), _embed_stream_request(number, chunk, input_type, dimensions, encoding)
+
+
+def _embed_stream_request(
+    number: int, chunk: list[StreamItem], input_type: InputType | str, dimensions: int | None, encoding: Encoding | str
+) -> pb.EmbedStreamRequest:
+    texts, titles = _split_items(chunk)
+    request = build_request(texts, input_type, titles=titles, dimensions=dimensions, encoding=encoding)
+    return pb.EmbedStreamRequest(request_id=str(number), request=request)
+
+
 class Client:
     """Blocking client. Use as a context manager, or call close().
 
@@ -232,6 +462,7 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, self._options.channel_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._search_stub = spb_grpc.SearchServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -294,40 +525,111 @@ class Client:
         most `max_in_flight` batches are outstanding, so memory stays flat on corpora of any size.
         A failed batch raises its typed exception (with its request_id) and ends the iteration.
         """
-        slots = threading.BoundedSemaphore(max_in_flight)
-        sent: deque[str] = deque()
-        stop = threading.Event()
+        messages = _embed_stream_messages(_batched(items, batch_size), input_type, dimensions, encoding)
+        for response in _ordered_stream(self._stub.EmbedStream, messages, max_in_flight):
+            yield decode(response.response).vectors
 
-        def requests() -> Iterator[pb.EmbedStreamRequest]:
-            for number, chunk in enumerate(_batched(items, batch_size)):
-                while not slots.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
-                texts, titles = _split_items(chunk)
-                request_id = str(number)
-                sent.append(request_id)
-                yield pb.EmbedStreamRequest(
-                    request_id=request_id,
-                    request=build_request(texts, input_type, titles=titles, dimensions=dimensions, encoding=encoding),
-                )
+    # -- search ----------------------------------------------------------------------------------
 
-        responses = self._stub.EmbedStream(requests())
-        try:
-            for response in responses:
-                expected = sent.popleft()
-                if response.request_id != expected:
-                    raise errors.InternalError(f"stream out of order: got {response.request_id}, expected {expected}")
-                if response.HasField("error"):
-                    raise errors.from_status(response.error, request_id=response.request_id)
-                slots.release()
-                yield decode(response.response).vectors
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
-        finally:
-            stop.set()
-            responses.cancel()
+    def upsert_stream(
+        self,
+        collection: str,
+        passages: Iterable[PassageLike],
+        *,
+        batch_size: int = 64,
+        max_in_flight: int = 8,
+        index_kind: str | None = None,
+        vector_storage: str | None = None,
+    ) -> Iterator[UpsertAck]:
+        """Stream passages into a collection (created on first use); yields one ack per batch, in order.
+
+        An acked batch is durably stored. On a break, everything not acked can simply be sent again:
+        upserting an id replaces it. A failed batch raises its typed exception.
+        """
+        acked_ids: dict[str, list[str]] = {}
+        options = _collection_options(index_kind, vector_storage)
+        messages = (
+            _upsert_request(collection, number, chunk, options, acked_ids)
+            for number, chunk in enumerate(_batched(passages, batch_size))
+        )
+        for response in _ordered_stream(self._search_stub.UpsertPassages, messages, max_in_flight):
+            yield UpsertAck(response.request_id, acked_ids.pop(response.request_id), response.upserted)
+
+    def upsert_passages(self, collection: str, passages: Iterable[PassageLike], **options: Any) -> int:
+        """Store all passages (see upsert_stream for the options); returns how many were upserted."""
+        return sum(ack.upserted for ack in self.upsert_stream(collection, passages, **options))
+
+    def search(
+        self,
+        query: str,
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        """Best passages for one query, best first."""
+        return self.search_many(
+            [query], collection=collection, top_k=top_k, dimensions=dimensions,
+            include_passages=include_passages, metadata_filter=metadata_filter,
+        )[0]  # fmt: skip
+
+    def search_many(
+        self,
+        queries: Sequence[str],
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+    ) -> list[list[Hit]]:
+        """One hit list per query, in query order."""
+        request = _search_request(collection, queries, top_k, dimensions, include_passages, metadata_filter)
+        return [_hits(result) for result in self._call(self._search_stub.Search, request).results]
+
+    def search_stream(
+        self,
+        queries: Iterable[str],
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+        batch_size: int = 32,
+        max_in_flight: int = 4,
+    ) -> Iterator[list[Hit]]:
+        """Search any number of queries over one SearchStream; yields one hit list per query, in order."""
+        messages = (
+            (str(n), spb.SearchStreamRequest(request_id=str(n), request=_search_request(
+                collection, chunk, top_k, dimensions, include_passages, metadata_filter)))
+            for n, chunk in enumerate(_batched(queries, batch_size))
+        )  # fmt: skip
+        for response in _ordered_stream(self._search_stub.SearchStream, messages, max_in_flight):
+            for result in response.response.results:
+                yield _hits(result)
+
+    def delete_passages(self, collection: str, ids: Sequence[str]) -> int:
+        request = spb.DeletePassagesRequest(collection=collection, ids=list(ids))
+        return int(self._call(self._search_stub.DeletePassages, request).deleted)
+
+    def get_passages(self, collection: str, ids: Sequence[str]) -> list[Passage]:
+        """The stored passages among `ids` (missing ids are left out), in the order of `ids`."""
+        request = spb.GetPassagesRequest(collection=collection, ids=list(ids))
+        return [_passage(p) for p in self._call(self._search_stub.GetPassages, request).passages]
+
+    def list_collections(self) -> list[Collection]:
+        response = self._call(self._search_stub.ListCollections, spb.ListCollectionsRequest())
+        return [_collection(c) for c in response.collections]
+
+    def get_collection(self, name: str) -> Collection:
+        return _collection(self._call(self._search_stub.GetCollection, spb.GetCollectionRequest(name=name)).collection)
+
+    def delete_collection(self, name: str) -> int:
+        request = spb.DeleteCollectionRequest(name=name)
+        return int(self._call(self._search_stub.DeleteCollection, request).deleted_passages)
 
 
 class AsyncClient:
@@ -360,6 +662,7 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.insecure_channel(target, self._options.channel_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._search_stub = spb_grpc.SearchServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -416,47 +719,115 @@ class AsyncClient:
         max_in_flight: int = 8,
     ) -> AsyncIterator[np.ndarray]:
         """Async twin of Client.embed_stream; also accepts an async iterable."""
-        slots = asyncio.Semaphore(max_in_flight)
-        sent: deque[str] = deque()
 
-        async def chunks() -> AsyncIterator[list[StreamItem]]:
-            if isinstance(items, AsyncIterable):
-                chunk: list[StreamItem] = []
-                async for item in items:
-                    chunk.append(item)
-                    if len(chunk) == batch_size:
-                        yield chunk
-                        chunk = []
-                if chunk:
-                    yield chunk
-            else:
-                for chunk in _batched(items, batch_size):
-                    yield chunk
-
-        async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        async def messages() -> AsyncIterator[tuple[str, pb.EmbedStreamRequest]]:
             number = 0
-            async for chunk in chunks():
-                await slots.acquire()
-                texts, titles = _split_items(chunk)
-                request_id = str(number)
+            async for chunk in _aiter_chunks(items, batch_size):
+                yield str(number), _embed_stream_request(number, chunk, input_type, dimensions, encoding)
                 number += 1
-                sent.append(request_id)
-                yield pb.EmbedStreamRequest(
-                    request_id=request_id,
-                    request=build_request(texts, input_type, titles=titles, dimensions=dimensions, encoding=encoding),
-                )
 
-        call = self._stub.EmbedStream(requests())
-        try:
-            async for response in call:
-                expected = sent.popleft()
-                if response.request_id != expected:
-                    raise errors.InternalError(f"stream out of order: got {response.request_id}, expected {expected}")
-                if response.HasField("error"):
-                    raise errors.from_status(response.error, request_id=response.request_id)
-                slots.release()
-                yield decode(response.response).vectors
-        except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        async for response in _ordered_stream_async(self._stub.EmbedStream, messages(), max_in_flight):
+            yield decode(response.response).vectors
+
+    # -- search ----------------------------------------------------------------------------------
+
+    async def upsert_stream(
+        self,
+        collection: str,
+        passages: Iterable[PassageLike] | AsyncIterable[PassageLike],
+        *,
+        batch_size: int = 64,
+        max_in_flight: int = 8,
+        index_kind: str | None = None,
+        vector_storage: str | None = None,
+    ) -> AsyncIterator[UpsertAck]:
+        """Async twin of Client.upsert_stream."""
+        acked_ids: dict[str, list[str]] = {}
+        options = _collection_options(index_kind, vector_storage)
+
+        async def messages() -> AsyncIterator[tuple[str, spb.UpsertPassagesRequest]]:
+            number = 0
+            async for chunk in _aiter_chunks(passages, batch_size):
+                yield _upsert_request(collection, number, chunk, options, acked_ids)
+                number += 1
+
+        async for response in _ordered_stream_async(self._search_stub.UpsertPassages, messages(), max_in_flight):
+            yield UpsertAck(response.request_id, acked_ids.pop(response.request_id), response.upserted)
+
+    async def upsert_passages(
+        self, collection: str, passages: Iterable[PassageLike] | AsyncIterable[PassageLike], **options: Any
+    ) -> int:
+        return sum([ack.upserted async for ack in self.upsert_stream(collection, passages, **options)])
+
+    async def search(
+        self,
+        query: str,
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+    ) -> list[Hit]:
+        return (
+            await self.search_many(
+                [query], collection=collection, top_k=top_k, dimensions=dimensions,
+                include_passages=include_passages, metadata_filter=metadata_filter,
+            )
+        )[0]  # fmt: skip
+
+    async def search_many(
+        self,
+        queries: Sequence[str],
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+    ) -> list[list[Hit]]:
+        request = _search_request(collection, queries, top_k, dimensions, include_passages, metadata_filter)
+        return [_hits(result) for result in (await self._call(self._search_stub.Search, request)).results]
+
+    async def search_stream(
+        self,
+        queries: Iterable[str] | AsyncIterable[str],
+        *,
+        collection: str,
+        top_k: int = 10,
+        dimensions: int | None = None,
+        include_passages: bool = False,
+        metadata_filter: Mapping[str, str] | None = None,
+        batch_size: int = 32,
+        max_in_flight: int = 4,
+    ) -> AsyncIterator[list[Hit]]:
+        async def messages() -> AsyncIterator[tuple[str, spb.SearchStreamRequest]]:
+            number = 0
+            async for chunk in _aiter_chunks(queries, batch_size):
+                request = _search_request(collection, chunk, top_k, dimensions, include_passages, metadata_filter)
+                yield str(number), spb.SearchStreamRequest(request_id=str(number), request=request)
+                number += 1
+
+        async for response in _ordered_stream_async(self._search_stub.SearchStream, messages(), max_in_flight):
+            for result in response.response.results:
+                yield _hits(result)
+
+    async def delete_passages(self, collection: str, ids: Sequence[str]) -> int:
+        request = spb.DeletePassagesRequest(collection=collection, ids=list(ids))
+        return int((await self._call(self._search_stub.DeletePassages, request)).deleted)
+
+    async def get_passages(self, collection: str, ids: Sequence[str]) -> list[Passage]:
+        request = spb.GetPassagesRequest(collection=collection, ids=list(ids))
+        return [_passage(p) for p in (await self._call(self._search_stub.GetPassages, request)).passages]
+
+    async def list_collections(self) -> list[Collection]:
+        response = await self._call(self._search_stub.ListCollections, spb.ListCollectionsRequest())
+        return [_collection(c) for c in response.collections]
+
+    async def get_collection(self, name: str) -> Collection:
+        response = await self._call(self._search_stub.GetCollection, spb.GetCollectionRequest(name=name))
+        return _collection(response.collection)
+
+    async def delete_collection(self, name: str) -> int:
+        request = spb.DeleteCollectionRequest(name=name)
+        return int((await self._call(self._search_stub.DeleteCollection, request)).deleted_passages)

@@ -17,17 +17,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc
+from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, search_pb2_grpc
 
 from .batcher import Batcher
 from .config import ServerConfig
 from .engine import EmbeddingEngine
+from .index import open_index
 from .metrics import Metrics
-from .servicer import EmbeddingServicer
+from .search_servicer import SearchServicer
+from .servicer import EmbeddingServicer, TextEmbedder
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+SEARCH_SERVICE = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 
 
 def load_engine(config: ServerConfig) -> EmbeddingEngine:
@@ -63,11 +66,20 @@ class EmbeddingServer:
             max_wait_s=config.max_wait_ms / 1000,
             metrics=self.metrics,
         )
-        self.servicer = EmbeddingServicer(engine, self.batcher, config, self.metrics)
-        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.server)
+        self.embedder = TextEmbedder(engine, self.batcher, config.tokenizer_threads)
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+            EmbeddingServicer(self.embedder, config, self.metrics), self.server
+        )
+        self.services = [EMBEDDING_SERVICE]
+        self.index = open_index(config, engine.device)
+        self.search: SearchServicer | None = None
+        if self.index is not None:
+            self.search = SearchServicer(self.embedder, self.index, config, self.metrics)
+            search_pb2_grpc.add_SearchServiceServicer_to_server(self.search, self.server)
+            self.services.append(SEARCH_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [EMBEDDING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [*self.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
         self.port = 0
@@ -84,7 +96,7 @@ class EmbeddingServer:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         self.batcher.start()
         await asyncio.get_running_loop().run_in_executor(None, self.engine.warmup)
-        self.servicer.ready = True
+        self.embedder.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.port_file:
             Path(self.config.port_file).write_text(str(self.port))
@@ -102,11 +114,15 @@ class EmbeddingServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.batcher.close()
-        self.servicer.close()
+        self.embedder.close()
+        if self.search is not None:
+            self.search.close()
+        if self.index is not None:
+            self.index.close()  # flushed and closed cleanly: nothing to repair on the next start
         log.info("stopped")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", EMBEDDING_SERVICE):
+        for service in ("", *self.services):
             await self.health.set(service, status)
 
 

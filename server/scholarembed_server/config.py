@@ -35,6 +35,13 @@ class ServerConfig:
     max_message_bytes: int = _opt(32 * 1024 * 1024, "largest gRPC message accepted or sent")
     stream_window: int = _opt(8, "requests of one EmbedStream processed at once; the rest wait in flow control")
     tokenizer_threads: int = _opt(2, "threads that tokenize, overlapping the forward pass")
+    data_dir: str | None = _opt(None, "folder for the embedded passage index (FAISS + SQLite); enables SearchService")
+    index_uri: str | None = _opt(
+        None, "Milvus URI (http://host:19530, or a milvus-lite .db file) instead of --data-dir"
+    )
+    index_kind: str = _opt("flat", "vector index of new collections: flat (exact), hnsw or ivf")
+    vector_storage: str = _opt("float16", "precision of stored vectors: float16 or float32")
+    max_top_k: int = _opt(1000, "largest top_k a search may ask for")
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port (0 picks a free one)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -22,11 +23,14 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 
 from .batcher import Batcher
 from .config import ServerConfig
-from .engine import EmbeddingEngine, InputType, Truncation, matryoshka
+from .engine import EmbeddingEngine, InputType, TokenizedText, Truncation, matryoshka
 from .errors import InvalidArgumentError, QueueFullError, ScholarEmbedError, UnavailableError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 _INPUT_TYPES = {
     pb.INPUT_TYPE_QUERY: InputType.QUERY,
@@ -120,30 +124,82 @@ def to_rpc_status(error: BaseException) -> status_pb2.Status:
     return status
 
 
+def status_code(error: BaseException) -> grpc.StatusCode:
+    return error.code if isinstance(error, ScholarEmbedError) else grpc.StatusCode.INTERNAL
+
+
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     status = rpc_status.to_status(to_rpc_status(error))
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class TextEmbedder:
+    """Tokenize in worker threads, then embed through the shared batcher: the path every servicer uses."""
+
+    def __init__(self, engine: EmbeddingEngine, batcher: Batcher, tokenizer_threads: int) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self._threads = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
+        self.ready = False  # set once the model is warm; until then calls get UNAVAILABLE
+
+    async def embed(
+        self, prompted_texts: list[str], truncation: Truncation, *, wait: bool
+    ) -> tuple[np.ndarray, list[TokenizedText]]:
+        """(full-dimension unit vectors, token rows), one per text, in order."""
+        if not self.ready:
+            raise UnavailableError("model is warming up")
+        loop = asyncio.get_running_loop()
+        tokenized = await loop.run_in_executor(self._threads, self.engine.tokenize, prompted_texts, truncation)
+        vectors = await self.batcher.embed([t.ids for t in tokenized], wait=wait)
+        return vectors, tokenized
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+async def ordered_stream(
+    request_iterator: AsyncIterator[RequestT],
+    answer: Callable[[RequestT], Awaitable[ResponseT]],
+    window: int,
+) -> AsyncIterator[ResponseT]:
+    """Answer each request once, in order, with up to `window` requests in progress at once.
+
+    While the window is full the request stream is not read, so HTTP/2 flow control slows the
+    client down instead of anything failing. `answer` reports errors in its response, never raises.
+    """
+    in_progress: asyncio.Queue[asyncio.Task[ResponseT] | None] = asyncio.Queue(maxsize=window)
+
+    async def read_requests() -> None:
+        try:
+            async for message in request_iterator:
+                await in_progress.put(asyncio.create_task(answer(message)))
+        finally:
+            await in_progress.put(None)
+
+    reader = asyncio.create_task(read_requests())
+    try:
+        while (task := await in_progress.get()) is not None:
+            yield await task
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()
+        while not in_progress.empty():
+            if (pending := in_progress.get_nowait()) is not None:
+                pending.cancel()
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, engine: EmbeddingEngine, batcher: Batcher, config: ServerConfig, metrics: Metrics) -> None:
-        self._engine = engine
-        self._batcher = batcher
+    def __init__(self, embedder: TextEmbedder, config: ServerConfig, metrics: Metrics) -> None:
+        self._embedder = embedder
+        self._engine = embedder.engine
         self._config = config
         self._metrics = metrics
-        self._tokenizer_threads = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        self.ready = False  # set once the model is warm; until then calls get UNAVAILABLE
 
     async def embed(self, request: pb.EmbedRequest, *, wait: bool) -> pb.EmbedResponse:
         """The shared path of Embed and EmbedStream. `wait`: queue full -> wait (True) or raise (False)."""
-        if not self.ready:
-            raise UnavailableError("model is warming up")
         job = validate_embed_request(request, self._engine, self._config.max_texts_per_request)
-        loop = asyncio.get_running_loop()
-        tokenized = await loop.run_in_executor(
-            self._tokenizer_threads, self._engine.tokenize, job.prompted_texts, job.truncation
-        )
-        vectors = matryoshka(await self._batcher.embed([t.ids for t in tokenized], wait=wait), job.dimensions)
+        full, tokenized = await self._embedder.embed(job.prompted_texts, job.truncation, wait=wait)
+        vectors = matryoshka(full, job.dimensions)
         token_counts = [len(t.ids) for t in tokenized]
         return pb.EmbedResponse(
             embeddings=[
@@ -160,41 +216,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         with self._metrics.track("Embed") as outcome:
             try:
                 return await self.embed(request, wait=False)
-            except ScholarEmbedError as error:
-                outcome.code = error.code
-                await abort(context, error)
             except Exception as error:
-                outcome.code = grpc.StatusCode.INTERNAL
+                outcome.code = status_code(error)
                 await abort(context, error)
         raise AssertionError("unreachable: abort raises")
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        """Answer each request once, in order; at most stream_window requests are in progress, and
-        while the window is full the stream is not read, so HTTP/2 flow control slows the client."""
-        window: asyncio.Queue[asyncio.Task[pb.EmbedStreamResponse] | None] = asyncio.Queue(
-            maxsize=self._config.stream_window
-        )
-
-        async def read_requests() -> None:
-            try:
-                async for message in request_iterator:
-                    await window.put(asyncio.create_task(self._answer(message)))
-            finally:
-                await window.put(None)
-
         with self._metrics.track("EmbedStream"):
-            reader = asyncio.create_task(read_requests())
-            try:
-                while (task := await window.get()) is not None:
-                    yield await task
-                await reader  # surfaces a broken request stream
-            finally:
-                reader.cancel()
-                while not window.empty():
-                    if (pending := window.get_nowait()) is not None:
-                        pending.cancel()
+            async for response in ordered_stream(request_iterator, self._answer, self._config.stream_window):
+                yield response
 
     async def _answer(self, message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
         try:
@@ -210,9 +242,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.GetModelInfoResponse:
         with self._metrics.track("GetModelInfo"):
             return model_info(self._engine, self._config)
-
-    def close(self) -> None:
-        self._tokenizer_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def model_info(engine: EmbeddingEngine, config: ServerConfig) -> pb.GetModelInfoResponse:

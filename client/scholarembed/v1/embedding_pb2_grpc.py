@@ -5,7 +5,7 @@ import warnings
 
 from scholarembed.v1 import embedding_pb2 as scholarembed_dot_v1_dot_embedding__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class EmbeddingServiceStub:
+class EmbeddingServiceStub(object):
     """EmbeddingService embeds texts with the served model (one model per server).
     """
 
@@ -52,7 +52,7 @@ class EmbeddingServiceStub:
                 _registered_method=True)
 
 
-class EmbeddingServiceServicer:
+class EmbeddingServiceServicer(object):
     """EmbeddingService embeds texts with the served model (one model per server).
     """
 
@@ -106,7 +106,7 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class EmbeddingService:
+class EmbeddingService(object):
     """EmbeddingService embeds texts with the served model (one model per server).
     """
 
