@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import scholarembed
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_model import WORDS
-
-import scholarembed
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
+from tiny_model import WORDS
 
 QUERY = pb.INPUT_TYPE_QUERY
 CASES = {
@@ -76,7 +75,7 @@ def test_client_rejects_a_bare_string_and_unknown_names() -> None:
     with Client("127.0.0.1:1") as client:
         with pytest.raises(TypeError):
             client.embed_queries("not a list")  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="input_type|InputType"):
+        with pytest.raises(ValueError, match=r"input_type|InputType"):
             client.embed(["x"], input_type="document")
 
 

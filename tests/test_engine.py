@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from reference import ModelCard, card_passage, card_query, cosine
-from tiny_model import WORDS, build_tiny_embeddinggemma
-
 from scholarembed_server.engine import (
     EMBEDDINGGEMMA_PROMPTS,
     EmbeddingEngine,
@@ -21,6 +19,7 @@ from scholarembed_server.engine import (
     plan_batches,
 )
 from scholarembed_server.errors import InvalidArgumentError, ModelLoadError
+from tiny_model import WORDS, build_tiny_embeddinggemma
 
 ORACLE = 0.99999
 
@@ -169,5 +168,5 @@ def test_missing_model_gives_a_clear_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         EmbeddingEngine.load("LinerAI/embeddinggemma-300m-academic")
-    with pytest.raises(ModelLoadError, match="not a folder|could not be loaded"):
+    with pytest.raises(ModelLoadError, match=r"not a folder|could not be loaded"):
         EmbeddingEngine.load(str(tmp_path / "no-such-folder"))
