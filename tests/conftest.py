@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import build_tiny_embeddinggemma  # noqa: E402
+from tiny_model import build_tiny_embeddinggemma
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

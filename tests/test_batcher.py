@@ -15,11 +15,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import scholarembed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from reference import cosine
-
-import scholarembed
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
