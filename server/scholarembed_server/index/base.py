@@ -82,7 +82,7 @@ def check_collection_name(name: str, field_name: str = "collection") -> str:
 
 def prefix_normalised(vectors: np.ndarray, dimensions: int) -> np.ndarray:
     """float32 copy of the first `dimensions` components, each row re-normalised to unit length."""
-    head = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
+    head = np.array(vectors[:, :dimensions], dtype=np.float32)  # a copy: the input may be a read-only memmap
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     head /= np.maximum(norms, 1e-12)
     return head
