@@ -78,7 +78,7 @@ def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen
 class ServerProcess:
     """`scholarembed serve` in a subprocess on a free loopback port: the real thing, end to end."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, preexec_fn: Any = None) -> None:
         port_file = tmp_path / f"port-{time.monotonic_ns()}"
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self.log = self.log_path.open("wb")
@@ -86,6 +86,7 @@ class ServerProcess:
             [sys.executable, "-m", "scholarembed_server", "serve", "--port", "0", "--port-file", str(port_file), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         deadline = time.monotonic() + 120
         while not port_file.exists() or not port_file.read_text():

@@ -52,6 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="print the model info of a running server")
     info.add_argument("--server", default="127.0.0.1:50051")
 
+    index = commands.add_parser("index", help="stream a BEIR-style JSONL corpus into a collection (resumable)")
+    index.add_argument("--corpus", required=True, type=Path, help="JSONL with _id (or id), title, text, metadata")
+    index.add_argument("--collection", required=True)
+    index.add_argument("--server", default="127.0.0.1:50051")
+    index.add_argument("--batch-size", type=int, default=64, help="passages per upsert request")
+    index.add_argument("--index-kind", choices=["flat", "hnsw", "ivf"], help="for a new collection")
+    index.add_argument("--no-progress", action="store_true")
+
+    search = commands.add_parser("search", help="search a collection and print a table")
+    search.add_argument("query")
+    search.add_argument("--collection", required=True)
+    search.add_argument("--server", default="127.0.0.1:50051")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--dimensions", type=int, default=0)
+
+    evaluate = commands.add_parser("eval", help="nDCG@10, Recall@10, Recall@100 of a BEIR dataset, via the server")
+    evaluate.add_argument("--beir", required=True, type=Path, help="folder with queries.jsonl and qrels/<split>.tsv")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--collection", required=True)
+    evaluate.add_argument("--server", default="127.0.0.1:50051")
+    evaluate.add_argument("--dimensions", type=int, default=0)
+    evaluate.add_argument("--no-progress", action="store_true")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -68,7 +91,79 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.server) as client:
             print(json.dumps(client.model_info().__dict__, indent=2))
         return 0
+    if args.command == "index":
+        return index_corpus(args)
+    if args.command == "search":
+        return search_table(args)
+    if args.command == "eval":
+        from .evaluation import evaluate_beir
+
+        print(json.dumps(evaluate_beir(args), indent=2))
+        return 0
     return embed_file(args)
+
+
+def read_corpus(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                record = json.loads(line)
+                record.setdefault("id", record.get("_id"))
+                yield record
+
+
+def index_corpus(args: argparse.Namespace) -> int:
+    """Upsert what the collection lacks. Already-stored ids are skipped, so an interrupted run resumes."""
+    from itertools import islice
+
+    from tqdm import tqdm
+
+    from scholarembed import Client, NotFoundError
+
+    total = count_items(args.corpus)
+    with Client(args.server, timeout=None) as client:
+        try:
+            client.get_collection(args.collection)
+            exists = True
+        except NotFoundError:
+            exists = False
+        progress = tqdm(total=total, unit="passage", disable=args.no_progress, file=sys.stderr)
+
+        def missing() -> Iterator[dict[str, Any]]:
+            records = read_corpus(args.corpus)
+            while chunk := list(islice(records, 2000)):
+                stored = {p.id for p in client.get_passages(args.collection, [r["id"] for r in chunk])} if exists else set()
+                progress.update(len(stored))
+                yield from (r for r in chunk if r["id"] not in stored)
+
+        upserted = 0
+        for ack in client.upsert_stream(
+            args.collection, missing(), batch_size=args.batch_size, index_kind=args.index_kind
+        ):
+            upserted += ack.upserted
+            progress.update(ack.upserted)
+        progress.close()
+        collection = client.get_collection(args.collection)
+    print(f"upserted {upserted}; {args.collection!r} holds {collection.passage_count} passages", file=sys.stderr)
+    return 0
+
+
+def search_table(args: argparse.Namespace) -> int:
+    import shutil
+
+    from scholarembed import Client
+
+    with Client(args.server) as client:
+        hits = client.search(
+            args.query, collection=args.collection, top_k=args.top_k, dimensions=args.dimensions,
+            include_passages=True,
+        )  # fmt: skip
+    width = shutil.get_terminal_size((120, 20)).columns
+    print(f"{'rank':>4}  {'score':>6}  {'id':<16}  title / text")
+    for rank, hit in enumerate(hits, start=1):
+        snippet = (hit.title + " | " if hit.title else "") + hit.text
+        print(f"{rank:>4}  {hit.score:6.4f}  {hit.id[:16]:<16}  {snippet[: max(20, width - 34)]}")
+    return 0
 
 
 def read_items(path: Path, input_type: str, text_field: str, title_field: str) -> Iterator[StreamItem]:

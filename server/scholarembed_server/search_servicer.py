@@ -138,12 +138,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if my_turn is not None:
             await asyncio.shield(my_turn)
         info = await self._write(
-            self._index.create_collection,
-            name,
-            self._engine.dimensions,
-            self._engine.model_id,
-            _INDEX_KINDS.get(request.options.index_kind, IndexKind(self._config.index_kind)),
-            _STORAGES.get(request.options.vector_storage, VectorStorage(self._config.vector_storage)),
+            lambda: self._index.create_collection(
+                name,
+                dimensions=self._engine.dimensions,
+                model=self._engine.model_id,
+                index_kind=_INDEX_KINDS.get(request.options.index_kind, IndexKind(self._config.index_kind)),
+                vector_storage=_STORAGES.get(request.options.vector_storage, VectorStorage(self._config.vector_storage)),
+            )
         )
         self._check_compatible(info)
         return await self._write(self._index.upsert, name, passages, vectors)

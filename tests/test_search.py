@@ -1,0 +1,303 @@
+"""SearchService end to end: a real server on a real data folder, over real sockets, with faults."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import TINY_MATRYOSHKA, ServerProcess
+from tiny_model import WORDS
+
+import scholarembed
+from scholarembed import Client, Passage
+from scholarembed.v1 import search_pb2 as pb
+from scholarembed.v1 import search_pb2_grpc as pb_grpc
+
+
+def corpus(count: int, prefix: str = "p") -> list[Passage]:
+    rng = np.random.default_rng(count)
+    return [
+        Passage(
+            id=f"{prefix}{i}",
+            text=" ".join(rng.choice(WORDS, size=int(rng.integers(3, 30)))),
+            title=" ".join(rng.choice(WORDS, size=2)) if i % 2 else "",
+            metadata={"year": str(2000 + i % 5), "venue": "nature" if i % 3 == 0 else "cell"},
+        )
+        for i in range(count)
+    ]
+
+
+def brute_force(client: Client, passages: list[Passage], queries: list[str], dimensions: int, k: int):
+    """Exact top-k from the server's own embeddings, computed here with numpy."""
+    passage_vectors = np.concatenate(
+        [
+            client.embed_passages([p.text for p in passages[i : i + 64]], [p.title for p in passages[i : i + 64]])
+            for i in range(0, len(passages), 64)
+        ]
+    )
+    head = passage_vectors[:, :dimensions]
+    head /= np.linalg.norm(head, axis=1, keepdims=True)
+    scores = client.embed_queries(queries, dimensions=dimensions) @ head.T
+    order = np.argsort(-scores, axis=1)[:, :k]
+    return [[passages[j].id for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.fixture(scope="module")
+def search_server(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("search")
+    server = ServerProcess(
+        folder, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--data-dir", str(folder / "data"),
+        "--max-top-k", "200",
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(search_server):
+    with Client(search_server.address) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("storage", "tolerance"), [("float32", 1e-5), ("float16", 2e-3)])
+@pytest.mark.parametrize("dimensions", [64, 16])
+def test_search_is_exact_at_every_matryoshka_dimension(client, storage, tolerance, dimensions) -> None:
+    name = f"exact-{storage}-{dimensions}"
+    passages = corpus(150)
+    acks = list(client.upsert_stream(name, passages, batch_size=40, vector_storage=storage))
+    assert [a.upserted for a in acks] == [40, 40, 40, 30]
+    assert [a.ids for a in acks][0] == [p.id for p in passages[:40]]
+    queries = ["protein gene", "tumor cell immune response", "the effect of drug dose on survival"]
+    expected_ids, expected_scores = brute_force(client, passages, queries, dimensions, 10)
+    results = client.search_many(queries, collection=name, top_k=10, dimensions=dimensions)
+    for hits, ids, scores in zip(results, expected_ids, expected_scores, strict=True):
+        np.testing.assert_allclose([h.score for h in hits], scores, atol=tolerance)
+        assert [h.id for h in hits][:3] == ids[:3] or np.allclose(
+            [h.score for h in hits[:3]], scores[:3], atol=tolerance
+        )
+    info = client.get_collection(name)
+    assert (info.passage_count, info.dimensions, info.index_kind, info.vector_storage) == (150, 64, "flat", storage)
+
+
+def test_upsert_replaces_and_delete_removes(client) -> None:
+    client.upsert_passages("replace", corpus(20))
+    client.upsert_passages("replace", [Passage(id="p3", text="zebrafish neuron survival", title="New")])
+    assert client.get_collection("replace").passage_count == 20
+    [stored] = client.get_passages("replace", ["p3"])
+    assert (stored.text, stored.title) == ("zebrafish neuron survival", "New")
+    hits = client.search("zebrafish neuron survival", collection="replace", top_k=20, include_passages=True)
+    assert [h.text for h in hits].count("zebrafish neuron survival") == 1
+    assert client.delete_passages("replace", ["p3", "p4", "nope"]) == 2
+    assert client.get_collection("replace").passage_count == 18
+    hits = client.search("zebrafish neuron survival", collection="replace", top_k=50)
+    assert {"p3", "p4"}.isdisjoint(h.id for h in hits) and len(hits) == 18
+    assert [p.id for p in client.get_passages("replace", ["p5", "p3", "p1"])] == ["p5", "p1"]
+
+
+def test_include_passages_and_metadata_filter(client) -> None:
+    passages = corpus(60)
+    client.upsert_passages("filtered", passages)
+    hits = client.search(
+        "protein",
+        collection="filtered",
+        top_k=60,
+        include_passages=True,
+        metadata_filter={"year": "2002", "venue": "cell"},
+    )
+    expected = {p.id for p in passages if p.metadata == {"year": "2002", "venue": "cell"}}
+    assert {h.id for h in hits} == expected
+    by_id = {p.id: p for p in passages}
+    for hit in hits:
+        assert (hit.title, hit.text, dict(hit.metadata)) == (
+            by_id[hit.id].title,
+            by_id[hit.id].text,
+            by_id[hit.id].metadata,
+        )
+    assert client.search("protein", collection="filtered", metadata_filter={"year": "1999"}) == []
+    assert all(h.text == "" for h in client.search("protein", collection="filtered"))
+
+
+def test_collections_are_listed_and_deleted(client) -> None:
+    client.upsert_passages("doomed", corpus(5))
+    assert "doomed" in [c.name for c in client.list_collections()]
+    assert client.delete_collection("doomed") == 5
+    assert "doomed" not in [c.name for c in client.list_collections()]
+    with pytest.raises(scholarembed.NotFoundError):
+        client.get_collection("doomed")
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.search("x", collection="missing"), None),
+        (lambda c: c.delete_passages("missing", ["a"]), None),
+        (lambda c: c.get_passages("missing", ["a"]), None),
+        (lambda c: c.delete_collection("missing"), None),
+    ],
+)
+def test_unknown_collection_is_not_found(client, call, field) -> None:
+    with pytest.raises(scholarembed.NotFoundError):
+        call(client)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.SearchRequest(collection="filtered", queries=["x"], top_k=0), "top_k"),
+        (pb.SearchRequest(collection="filtered", queries=["x"], top_k=201), "top_k"),
+        (pb.SearchRequest(collection="filtered", queries=[], top_k=5), "queries"),
+        (pb.SearchRequest(collection="filtered", queries=["ok", " "], top_k=5), "queries[1]"),
+        (pb.SearchRequest(collection="filtered", queries=["x"], top_k=5, dimensions=20), "dimensions"),
+        (pb.SearchRequest(collection="bad name!", queries=["x"], top_k=5), "collection"),
+    ],
+)
+def test_bad_search_requests_name_the_field(search_server, client, request_, field) -> None:
+    client.upsert_passages("filtered", corpus(3))
+    with grpc.insecure_channel(search_server.address) as channel, pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.SearchServiceStub(channel).Search(request_, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in raised.value.details()
+
+
+@pytest.mark.parametrize(
+    ("passages", "field"),
+    [
+        ([pb.Passage(id="", text="x")], "passages[0].id"),
+        ([pb.Passage(id="a", text="x"), pb.Passage(id="a", text="y")], "passages[1].id"),
+        ([pb.Passage(id="a", text="  ")], "passages[0].text"),
+        ([], "passages"),
+    ],
+)
+def test_bad_upserts_are_reported_in_band_and_store_nothing(search_server, client, passages, field) -> None:
+    requests = [
+        pb.UpsertPassagesRequest(collection="inband", request_id="bad", passages=passages),
+        pb.UpsertPassagesRequest(collection="inband", request_id="good", passages=[pb.Passage(id="ok", text="fine")]),
+    ]
+    with grpc.insecure_channel(search_server.address) as channel:
+        responses = list(pb_grpc.SearchServiceStub(channel).UpsertPassages(iter(requests)))
+    assert [r.request_id for r in responses] == ["bad", "good"]
+    assert responses[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert field in responses[0].error.message
+    assert responses[1].upserted == 1 and not responses[1].HasField("error")
+    assert client.get_passages("inband", ["a"]) == []
+
+
+def test_search_stream_keeps_order_with_in_band_errors(search_server, client) -> None:
+    client.upsert_passages("streamed", corpus(30))
+    good = pb.SearchRequest(collection="streamed", queries=["protein", "gene"], top_k=3)
+    requests = [
+        pb.SearchStreamRequest(request_id="1", request=good),
+        pb.SearchStreamRequest(request_id="2", request=pb.SearchRequest(collection="nope", queries=["x"], top_k=3)),
+        pb.SearchStreamRequest(request_id="3", request=good),
+    ]
+    with grpc.insecure_channel(search_server.address) as channel:
+        responses = list(pb_grpc.SearchServiceStub(channel).SearchStream(iter(requests)))
+    assert [r.request_id for r in responses] == ["1", "2", "3"]
+    assert responses[1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert [len(r.hits) for r in responses[2].response.results] == [3, 3]
+    streamed = list(client.search_stream(["protein", "gene", "cell"], collection="streamed", top_k=3, batch_size=2))
+    assert [h.id for h in streamed[2]] == [h.id for h in client.search("cell", collection="streamed", top_k=3)]
+
+
+def test_data_survives_a_restart(tmp_path, tiny_model_dir) -> None:
+    args = ("--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--data-dir", str(tmp_path / "data"))
+    server = ServerProcess(tmp_path, *args)
+    with Client(server.address) as client:
+        client.upsert_passages("kept", corpus(80), index_kind="hnsw")
+        before = client.search_many(["protein", "tumor"], collection="kept", top_k=5, dimensions=32)
+    server.stop()
+    server = ServerProcess(tmp_path, *args)
+    with Client(server.address) as client:
+        assert client.get_collection("kept").passage_count == 80
+        assert client.get_collection("kept").index_kind == "hnsw"
+        after = client.search_many(["protein", "tumor"], collection="kept", top_k=5, dimensions=32)
+    server.stop()
+    assert [[h.id for h in q] for q in before] == [[h.id for h in q] for q in after]
+
+
+def test_kill_9_during_ingestion_loses_nothing_acknowledged(tmp_path, tiny_model_dir) -> None:
+    args = ("--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--data-dir", str(tmp_path / "data"))
+    server = ServerProcess(tmp_path, *args)
+    passages = corpus(3000, prefix="k")
+    acked: list[str] = []
+    with Client(server.address) as client, pytest.raises(scholarembed.ScholarEmbedError):
+        for ack in client.upsert_stream("crash", passages, batch_size=25, max_in_flight=8):
+            acked += ack.ids
+            if len(acked) >= 500:
+                server.process.send_signal(signal.SIGKILL)
+    server.process.wait(30)
+    server.stop()
+
+    server = ServerProcess(tmp_path, *args)
+    with Client(server.address) as client:
+        stored = {
+            p.id
+            for i in range(0, 3000, 1000)
+            for p in client.get_passages("crash", [p.id for p in passages[i : i + 1000]])
+        }
+        count = client.get_collection("crash").passage_count
+        assert set(acked) <= stored  # every acknowledged passage survived
+        assert count == len(stored)  # the database and the vectors agree
+        batches = [{p.id for p in passages[i : i + 25]} for i in range(0, 3000, 25)]
+        assert all(batch <= stored or batch.isdisjoint(stored) for batch in batches)  # no half-stored request
+        hits = client.search_many([passages[0].text], collection="crash", top_k=count)
+        assert {h.id for h in hits[0]} == stored  # every stored passage is searchable
+        client.upsert_passages("crash", passages[:50])  # and the collection still takes writes
+    server.stop()
+
+
+CLIENT_SCRIPT = """
+import sys
+from scholarembed import Client, Passage
+passages = [Passage(id=f"c{i}", text=f"protein gene study number {i}") for i in range(100000)]
+with Client(sys.argv[1]) as client:
+    for ack in client.upsert_stream("abandoned", passages, batch_size=50, max_in_flight=8):
+        print(ack.request_id, flush=True)
+"""
+
+
+def test_client_killed_mid_stream_leaves_no_half_committed_request(search_server, client) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_SCRIPT, search_server.address], stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(5):
+        process.stdout.readline()
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    time.sleep(1)  # let the server finish whatever it had started
+    ids = [f"c{i}" for i in range(2000)]
+    stored = {p.id for p in client.get_passages("abandoned", ids)}
+    assert len(stored) >= 250
+    assert all(set(ids[i : i + 50]) <= stored or set(ids[i : i + 50]).isdisjoint(stored) for i in range(0, 2000, 50))
+    assert client.get_collection("abandoned").passage_count == len(stored)
+
+
+def test_failed_write_is_reported_and_not_acknowledged(tmp_path, tiny_model_dir) -> None:
+    """RLIMIT_FSIZE makes every write past 600 kB fail, as a full disk would."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))
+
+    args = ("--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--data-dir", str(tmp_path / "data"),
+            "--vector-storage", "float32")  # fmt: skip
+    server = ServerProcess(tmp_path, *args, preexec_fn=limit_file_size)
+    passages = corpus(4000, prefix="f")
+    acked: list[str] = []
+    with Client(server.address) as client:
+        with pytest.raises(scholarembed.InternalError, match="write failed"):
+            for ack in client.upsert_stream("full", passages, batch_size=100, max_in_flight=1):
+                acked += ack.ids
+        assert acked  # some writes succeeded before the "disk" filled up
+        assert client.get_collection("full").passage_count == len(acked)
+        stored = {p.id for p in client.get_passages("full", [p.id for p in passages[: len(acked) + 100]])}
+        assert stored == set(acked)
+        top_k = min(len(acked), 1000)
+        assert len(client.search("protein", collection="full", top_k=top_k)) == top_k  # still serving
+    server.stop()
