@@ -12,7 +12,11 @@ Commit protocol of an upsert (all under the collection's lock):
     4. only then does the caller acknowledge.
 A crash before 2 leaves extra rows at the end of vectors.bin: on open they are cut off (repair).
 A crash after 2 loses nothing. vectors.bin shorter than meta.vector_rows cannot come from a crash
-(1 is fsynced before 2); such a collection is refused with CorruptCollectionError, never half served.
+(1 is fsynced before 2); such a collection is refused with CorruptCollectionError, never half served,
+while the others are served; deleting it is allowed.
+
+A collection is created in .creating-<name> and deleted as .deleting-<name>, each renamed in one step
+and the rename fsynced; leftovers of an interrupted create or delete are removed on open.
 
 Replaced and deleted passages leave dead rows in vectors.bin; searches skip them with a FAISS
 IDSelector over the live rows. Vectors are stored at full dimension; an index per searched
@@ -74,7 +78,12 @@ class _Collection:
         self.vector_rows = int(meta["vector_rows"])
         self.vectors_path = folder / "vectors.bin"
         self.search_device = search_device
-        self._check_and_repair()
+        self.closed = False
+        try:
+            self._check_and_repair()
+        except CorruptCollectionError:
+            self.db.close()
+            raise
         live_rows = np.fromiter((row for (row,) in self.db.execute("SELECT row FROM passages")), dtype=np.int64)
         self.live = np.zeros(self.vector_rows, dtype=bool)
         self.live[live_rows] = True
@@ -118,9 +127,11 @@ class _Collection:
 
     def upsert(self, passages: Sequence[StoredPassage], vectors: np.ndarray) -> int:
         with self.lock:
+            self._check_open()
             start = self.vector_rows
+            stored = np.ascontiguousarray(vectors, dtype=self.dtype)  # what a reopened store will read back
             try:
-                self._append_vectors(start, vectors)
+                self._append_vectors(start, stored)
                 replaced = self._commit_rows(start, passages)
             except OSError as error:
                 self._discard_tail(start)
@@ -133,11 +144,11 @@ class _Collection:
             self.live[replaced] = False
             self.passage_count += len(passages) - len(replaced)
             for dimensions, index in self._indexes.items():
-                self._add_to_index(index, dimensions, vectors)
+                self._add_to_index(index, dimensions, stored)
             return len(passages)
 
-    def _append_vectors(self, start: int, vectors: np.ndarray) -> None:
-        data = np.ascontiguousarray(vectors, dtype=self.dtype).tobytes()
+    def _append_vectors(self, start: int, stored: np.ndarray) -> None:
+        data = stored.tobytes()
         with self.vectors_path.open("r+b" if self.vectors_path.exists() else "wb") as file:
             file.truncate(start * self.row_bytes)  # drop leftovers of an earlier failed write
             file.seek(start * self.row_bytes)
@@ -161,7 +172,7 @@ class _Collection:
             self.db.execute("UPDATE meta SET value = ? WHERE key = 'vector_rows'", (str(start + len(passages)),))
             self.db.execute("COMMIT")  # the point of truth
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         return replaced
 
@@ -174,15 +185,28 @@ class _Collection:
                 "collection %r: could not cut the failed write off vectors.bin; repaired on reopen", self.name
             )
 
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on some failed COMMITs)."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def _check_open(self) -> None:
+        if self.closed:  # deleted while this call waited for the lock
+            raise CollectionNotFoundError(self.name)
+
     def delete(self, ids: Sequence[str]) -> int:
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._check_open()
             try:
+                self.db.execute("BEGIN IMMEDIATE")
                 rows = _rows_of(self.db, ids)
                 self.db.executemany("DELETE FROM passages WHERE id = ?", [(i,) for i in ids])
                 self.db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._rollback()
+                raise StorageError(f"collection {self.name!r}: delete failed, nothing deleted: {error}") from error
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.live[rows] = False
             self.passage_count -= len(rows)
@@ -190,6 +214,7 @@ class _Collection:
 
     def get(self, ids: Sequence[str]) -> list[StoredPassage]:
         with self.lock:
+            self._check_open()
             found: dict[str, StoredPassage] = {}
             for start in range(0, len(ids), 900):
                 chunk = list(ids[start : start + 900])
@@ -204,6 +229,7 @@ class _Collection:
         self, queries: np.ndarray, top_k: int, metadata_filter: Mapping[str, str] | None, include_passages: bool
     ) -> list[list[Hit]]:
         with self.lock:
+            self._check_open()
             dimensions = queries.shape[1]
             allowed = self._allowed_rows(metadata_filter)
             if self.vector_rows == 0 or (allowed is not None and not allowed.any()):
@@ -245,7 +271,7 @@ class _Collection:
         still valid for the rows it covers.
         """
         path = self._saved_index_path(dimensions)
-        if self.index_kind is IndexKind.FLAT or self.search_device != "cpu" or not path.exists():
+        if self.index_kind is IndexKind.FLAT or not path.exists():
             return None
         index = faiss.read_index(str(path))
         if index.ntotal > self.vector_rows:  # covers rows cut off as uncommitted: rebuild
@@ -255,8 +281,8 @@ class _Collection:
         return index
 
     def _save_index(self, dimensions: int, index: Any) -> None:
-        if self.index_kind is IndexKind.FLAT or self.search_device != "cpu":
-            return  # a flat index is rebuilt from vectors.bin in seconds
+        if self.index_kind is IndexKind.FLAT:
+            return  # a flat index is rebuilt from vectors.bin in seconds; HNSW and IVF run on the CPU anywhere
         inner = index.index if isinstance(index, _LazyIVF) else index
         temporary = self._saved_index_path(dimensions).with_suffix(".tmp")
         faiss.write_index(inner, str(temporary))
@@ -321,6 +347,9 @@ class _Collection:
 
     def close(self) -> None:
         with self.lock:
+            if self.closed:
+                return
+            self.closed = True
             for dimensions, index in self._indexes.items():
                 self._save_index(dimensions, index)
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -404,6 +433,26 @@ class _LazyIVF:
         return result
 
 
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _committed_passages(folder: Path) -> int:
+    """Passages a refused collection's database holds; 0 if it cannot be read either."""
+    try:
+        db = sqlite3.connect(folder / "collection.sqlite")
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM passages").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
 def _rows_of(db: sqlite3.Connection, ids: Sequence[str]) -> list[int]:
     rows: list[int] = []
     for start in range(0, len(ids), 900):
@@ -422,15 +471,26 @@ class EmbeddedIndex(VectorIndex):
         self.search_device = search_device
         self._lock = threading.Lock()
         self._collections: dict[str, _Collection] = {}
+        self._refused: dict[str, str] = {}  # name -> why it cannot be served (CorruptCollectionError)
         for folder in sorted(self.data_dir.iterdir()):
-            if (folder / "collection.sqlite").exists():
-                self._collections[folder.name] = _Collection(folder, search_device)
+            if folder.is_dir() and folder.name.startswith((".creating-", ".deleting-")):
+                log.warning("removing %s, left by an interrupted create or delete", folder)
+                shutil.rmtree(folder)
+            elif (folder / "collection.sqlite").exists():
+                try:
+                    self._collections[folder.name] = _Collection(folder, search_device)
+                except CorruptCollectionError as error:
+                    log.error("refusing collection %r: %s", folder.name, error)
+                    self._refused[folder.name] = str(error)
+                    continue
                 log.info("opened collection %r: %d passages", folder.name, self._collections[folder.name].passage_count)
 
     def _get(self, name: str) -> _Collection:
         check_collection_name(name)
         collection = self._collections.get(name)
         if collection is None:
+            if name in self._refused:
+                raise CorruptCollectionError(self._refused[name])
             raise CollectionNotFoundError(name)
         return collection
 
@@ -441,6 +501,8 @@ class EmbeddedIndex(VectorIndex):
         with self._lock:
             if name in self._collections:
                 return self._collections[name].info()
+            if name in self._refused:
+                raise CorruptCollectionError(self._refused[name])
             folder = self.data_dir / name
             staging = self.data_dir / f".creating-{name}"
             shutil.rmtree(staging, ignore_errors=True)
@@ -465,6 +527,7 @@ class EmbeddedIndex(VectorIndex):
             db.close()
             (staging / "vectors.bin").touch()
             os.replace(staging, folder)  # a collection appears whole or not at all
+            _fsync_directory(self.data_dir)
             self._collections[name] = _Collection(folder, self.search_device)
             return self._collections[name].info()
 
@@ -472,18 +535,33 @@ class EmbeddedIndex(VectorIndex):
         return self._get(name).info()
 
     def list_collections(self) -> list[CollectionInfo]:
-        return [self._collections[name].info() for name in sorted(self._collections)]
+        with self._lock:
+            collections = [self._collections[name] for name in sorted(self._collections)]
+        return [collection.info() for collection in collections]
 
     def delete_collection(self, name: str) -> int:
+        check_collection_name(name)
+        with self._lock:
+            if name in self._refused:
+                count = _committed_passages(self.data_dir / name)
+                self._remove_folder(name)
+                del self._refused[name]
+                return count
         collection = self._get(name)
         with self._lock, collection.lock:
+            if self._collections.get(name) is not collection:
+                raise CollectionNotFoundError(name)  # deleted by a concurrent call
             count = collection.passage_count
             collection.close()
             del self._collections[name]
-            trash = self.data_dir / f".deleting-{name}"
-            os.replace(collection.folder, trash)
-            shutil.rmtree(trash)
+            self._remove_folder(name)
             return count
+
+    def _remove_folder(self, name: str) -> None:
+        trash = self.data_dir / f".deleting-{name}"
+        os.replace(self.data_dir / name, trash)
+        _fsync_directory(self.data_dir)  # the delete is done once the rename is on disk
+        shutil.rmtree(trash)
 
     def upsert(self, name: str, passages: Sequence[StoredPassage], vectors: np.ndarray) -> int:
         return self._get(name).upsert(passages, vectors)
