@@ -301,3 +301,28 @@ def test_failed_write_is_reported_and_not_acknowledged(tmp_path, tiny_model_dir)
         top_k = min(len(acked), 1000)
         assert len(client.search("protein", collection="full", top_k=top_k)) == top_k  # still serving
     server.stop()
+
+
+def test_milvus_backend_serves_the_same_results(tmp_path, tiny_model_dir, client) -> None:
+    """The same API over milvus-lite (--index-uri): same hits as the embedded store at every dimension."""
+    server = ServerProcess(
+        tmp_path, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA,
+        "--index-uri", str(tmp_path / "milvus.db"),
+    )  # fmt: skip
+    passages = corpus(60)
+    client.upsert_passages("parity", passages, vector_storage="float32")
+    try:
+        with Client(server.address) as milvus:
+            assert milvus.upsert_passages("parity", passages) == 60
+            assert milvus.get_collection("parity").passage_count == 60
+            for dimensions in (64, 16):
+                expected = client.search_many(
+                    ["protein", "tumor cell"], collection="parity", top_k=5, dimensions=dimensions
+                )
+                got = milvus.search_many(["protein", "tumor cell"], collection="parity", top_k=5, dimensions=dimensions)
+                for want, have in zip(expected, got, strict=True):
+                    np.testing.assert_allclose([h.score for h in have], [h.score for h in want], atol=1e-5)
+            hits = milvus.search("protein", collection="parity", top_k=60, metadata_filter={"venue": "nature"})
+            assert {h.id for h in hits} == {p.id for p in passages if p.metadata["venue"] == "nature"}
+    finally:
+        server.stop()

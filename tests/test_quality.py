@@ -1,0 +1,38 @@
+"""Retrieval quality through the server, with the real all-MiniLM-L6-v2, on a fixed SciFact subset.
+
+The expected values were computed independently by tests/scifact_subset.py (sentence-transformers'
+encode, numpy exact search, pytrec_eval) and frozen here. The full test split (`make eval`) must
+reproduce MTEB's published 0.64508 / 0.78333 / 0.92500.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ServerProcess
+from scifact_subset import SCIFACT, write_subset
+
+FROZEN = {"ndcg@10": 0.8464790300758546, "recall@10": 0.92, "recall@100": 1.0}  # 50 queries, 1,041 abstracts
+
+
+@pytest.mark.skipif(not SCIFACT.exists(), reason="needs ../shared/data/scifact")
+def test_scifact_subset_through_the_server_matches_the_reference(tmp_path, minilm_dir) -> None:
+    subset = write_subset(tmp_path / "scifact")
+    server = ServerProcess(tmp_path, "--model", str(minilm_dir), "--data-dir", str(tmp_path / "data"))
+    try:
+        cli = [sys.executable, "-m", "scholarembed_server"]
+        common = ["--collection", "scifact", "--server", server.address, "--no-progress"]
+        subprocess.run([*cli, "index", "--corpus", str(subset / "corpus.jsonl"), *common], check=True, timeout=600)
+        result = subprocess.run(
+            [*cli, "eval", "--beir", str(subset), "--split", "test", *common],
+            check=True, timeout=600, capture_output=True, text=True,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    metrics = json.loads(result.stdout)
+    assert metrics["queries"] == 50
+    for name, expected in FROZEN.items():
+        assert metrics[name] == pytest.approx(expected, abs=5e-4), name
