@@ -11,13 +11,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY_MATRYOSHKA, ServerProcess
-from tiny_model import WORDS
-
 import scholarembed
+from conftest import TINY_MATRYOSHKA, ServerProcess
 from scholarembed import Client, Passage
 from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
+from tiny_model import WORDS
 
 
 def corpus(count: int, prefix: str = "p") -> list[Passage]:
@@ -52,8 +51,8 @@ def brute_force(client: Client, passages: list[Passage], queries: list[str], dim
 def search_server(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("search")
     server = ServerProcess(
-        folder, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--data-dir", str(folder / "data"),
-        "--max-top-k", "200",
+        folder, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA,
+        "--data-dir", str(folder / "data"), "--max-top-k", "200",
     )  # fmt: skip
     yield server
     server.stop()
@@ -72,7 +71,7 @@ def test_search_is_exact_at_every_matryoshka_dimension(client, storage, toleranc
     passages = corpus(150)
     acks = list(client.upsert_stream(name, passages, batch_size=40, vector_storage=storage))
     assert [a.upserted for a in acks] == [40, 40, 40, 30]
-    assert [a.ids for a in acks][0] == [p.id for p in passages[:40]]
+    assert acks[0].ids == [p.id for p in passages[:40]]
     queries = ["protein gene", "tumor cell immune response", "the effect of drug dose on survival"]
     expected_ids, expected_scores = brute_force(client, passages, queries, dimensions, 10)
     results = client.search_many(queries, collection=name, top_k=10, dimensions=dimensions)
