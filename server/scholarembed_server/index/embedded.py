@@ -391,7 +391,7 @@ class _LazyIVF:
     """IVF-Flat once there are enough rows to train it; exact search until then.
 
     Trained on the rows present when it is first built (at least IVF_MIN_TRAINING_ROWS), with
-    sqrt(n) lists and nprobe = lists / 8: a recall-first setting, measured in bench/search.py.
+    sqrt(n) lists and nprobe = lists / 16: a recall-first setting, measured in bench/search.py.
     """
 
     def __init__(self, dimensions: int, index: Any = None) -> None:
@@ -415,7 +415,7 @@ class _LazyIVF:
             )
             ivf.train(everything)
             ivf.add(everything)
-            ivf.nprobe = max(1, lists // 8)
+            ivf.nprobe = max(1, lists // 16)
             self.index = ivf
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

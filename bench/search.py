@@ -1,0 +1,130 @@
+"""Vector search in the embedded store: exact vs approximate, at full and Matryoshka dimensions.
+
+    python -m bench.search --sizes 100000,1000000
+
+For each size it writes synthetic unit vectors (768-d, clustered like real embeddings: 2,000
+Gaussian clusters plus noise) into a real collection on disk, through the store's own upsert path,
+then measures:
+  - opening the collection (the constructor) and building the first index at a dimension;
+  - exact (flat) search: latency of one query, and QPS for batches of 64 queries, at 768 and 256 dims;
+  - HNSW and IVF: build time, QPS, recall@10 against the exact results, speed-up over exact.
+Queries are fresh points from the same clusters. Only ratios from one run mean anything.
+Prints a table and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scholarembed_server.index.base import IndexKind, StoredPassage, VectorStorage
+from scholarembed_server.index.embedded import EmbeddedIndex
+
+REPO = Path(__file__).resolve().parent.parent
+DIMENSIONS = 768
+CLUSTERS = 2000
+
+
+def synthetic(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
+    points = centers[rng.integers(0, len(centers), count)] + 0.6 * rng.standard_normal((count, DIMENSIONS)) / np.sqrt(
+        DIMENSIONS
+    )
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def fill(index: EmbeddedIndex, name: str, kind: IndexKind, size: int, centers: np.ndarray) -> float:
+    index.create_collection(
+        name, dimensions=DIMENSIONS, model="synthetic", index_kind=kind, vector_storage=VectorStorage.FLOAT16
+    )
+    rng = np.random.default_rng(7)  # the same corpus for every kind
+    started = time.perf_counter()
+    for start in range(0, size, 50_000):
+        count = min(50_000, size - start)
+        passages = [StoredPassage(f"p{start + i}", "", "x") for i in range(count)]
+        index.upsert(name, passages, synthetic(rng, centers, count))
+    return time.perf_counter() - started
+
+
+def timed_search(index: EmbeddedIndex, name: str, queries: np.ndarray, k: int = 10) -> tuple[list[list[str]], float]:
+    started = time.perf_counter()
+    hits = index.search(name, queries, k)
+    return [[h.id for h in q] for q in hits], time.perf_counter() - started
+
+
+def recall(approximate: list[list[str]], exact: list[list[str]]) -> float:
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approximate, exact, strict=True)]))
+
+
+def run_size(size: int, kinds: list[IndexKind], folder: Path) -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((CLUSTERS, DIMENSIONS)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    queries = synthetic(np.random.default_rng(1), centers, 256)
+    report: dict[str, object] = {"size": size}
+
+    index = EmbeddedIndex(folder)
+    report["ingest_s"] = fill(index, "flat", IndexKind.FLAT, size, centers)
+    index.close()
+    started = time.perf_counter()
+    index = EmbeddedIndex(folder)
+    report["open_s"] = time.perf_counter() - started
+    exact: dict[int, list[list[str]]] = {}
+    for dims in (768, 256):
+        q = queries[:, :dims] / np.linalg.norm(queries[:, :dims], axis=1, keepdims=True)
+        started = time.perf_counter()
+        index.search("flat", q[:1], 10)
+        report[f"flat_first_search_s_{dims}"] = time.perf_counter() - started  # includes building the index
+        single = [timed_search(index, "flat", q[i : i + 1])[1] for i in range(20)]
+        exact[dims], batch_s = timed_search(index, "flat", q)
+        report[f"flat_latency_ms_{dims}"] = 1000 * float(np.median(single))
+        report[f"flat_qps_{dims}"] = len(q) / batch_s
+    for kind in kinds:
+        started = time.perf_counter()
+        fill(index, kind.value, kind, size, centers)
+        q = queries
+        index.search(kind.value, q[:1], 10)  # builds the index
+        report[f"{kind.value}_build_s"] = time.perf_counter() - started
+        ids, batch_s = timed_search(index, kind.value, q)
+        report[f"{kind.value}_qps_768"] = len(q) / batch_s
+        report[f"{kind.value}_recall@10_768"] = recall(ids, exact[768])
+        report[f"{kind.value}_speedup_768"] = report[f"{kind.value}_qps_768"] / report["flat_qps_768"]  # type: ignore[operator]
+    index.close()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000", help="comma-separated collection sizes")
+    parser.add_argument("--kinds", default="ivf,hnsw", help="approximate index kinds to compare with exact")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    kinds = [IndexKind(k) for k in args.kinds.split(",") if k]
+    reports = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-search-{size}-", dir=os.environ.get("BENCH_TMP")))
+        try:
+            print(f"size {size}: building ...", file=sys.stderr)
+            report = run_size(size, kinds, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        reports.append(report)
+        for key, value in report.items():
+            print(f"  {key:28} {value:12.4f}" if isinstance(value, float) else f"  {key:28} {value:>12}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"search-cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "runs": reports}, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
