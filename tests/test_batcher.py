@@ -15,14 +15,17 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import scholarembed
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from reference import cosine
+
+import scholarembed
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed_server.batcher import Batcher
+from scholarembed_server.engine import InputType
 from scholarembed_server.errors import QueueFullError
 
 
@@ -177,3 +180,34 @@ def test_warming_server_answers_unavailable(tiny_engine, in_process_server) -> N
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert rpc_status.from_call(raised.value) is not None
     server.server.embedder.ready = True
+
+
+class OutOfMemoryEngine(HeldEngine):
+    """The real engine, but a forward pass over more than `limit` padded tokens fails as CUDA OOM would."""
+
+    def __init__(self, engine: Any, limit: int) -> None:
+        super().__init__(engine)
+        self.limit = limit
+
+    def forward(self, batch: Any) -> np.ndarray:
+        self.batches.append([list(row) for row in batch])
+        if len(batch) * max(len(row) for row in batch) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self._engine.forward(batch)
+
+
+def test_out_of_memory_halves_the_batch_and_fails_only_what_cannot_fit(tiny_engine, in_process_server) -> None:
+    engine = OutOfMemoryEngine(tiny_engine, limit=60)
+    server = in_process_server(engine=engine, max_wait_ms=50)
+    short = [f"protein {i}" for i in range(12)]  # ~8 tokens each with the prompt: fit 7 at a time
+    huge = " ".join(["protein gene cell"] * 30)  # ~100 tokens: cannot fit even alone
+    with Client(server.address) as client, ThreadPoolExecutor(2) as pool:
+        fine = pool.submit(client.embed, short, input_type="raw")
+        with pytest.raises(scholarembed.ResourceExhaustedError, match="does not fit"):
+            client.embed([huge], input_type="raw")
+        vectors = fine.result(30).vectors
+        assert cosine(vectors, tiny_engine.encode(short, InputType.RAW).vectors).min() >= 0.99999
+        assert any(len(batch) < len(short) for batch in engine.batches)  # it really was split
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        assert client.embed(["still fine"], input_type="raw").vectors.shape == (1, 64)

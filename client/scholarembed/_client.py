@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import json
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -290,31 +291,73 @@ def _channel_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+# Every RPC is safe to retry (upserts replace by id), so UNAVAILABLE -- a server that is down,
+# draining or unreachable -- is retried on another address, with backoff, by gRPC itself.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "scholarembed.v1.EmbeddingService"}, {"service": "scholarembed.v1.SearchService"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+def resolve_target(target: str | Sequence[str]) -> str:
+    """A gRPC target for one address, several "host:port" addresses (round-robin), or a `dns:` name.
+
+    Several addresses must be IP literals (127.0.0.1:50051, [::1]:50051); for host names use
+    "dns:///name:port", which resolves to every address of the name.
+    """
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    scheme = "ipv6" if addresses[0].startswith("[") else "ipv4"
+    return f"{scheme}:{','.join(addresses)}"
+
+
 class _Options:
     """Connection settings shared by both clients."""
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None,
         tls: bool,
         root_certificates: bytes | None,
         private_key: bytes | None,
         certificate_chain: bytes | None,
+        token: str | None,
         max_message_bytes: int,
         channel_options: Sequence[tuple[str, Any]],
     ) -> None:
-        self.target = target
+        self.target = resolve_target(target)
         self.timeout = timeout
         self.credentials = (
             _channel_credentials(root_certificates, private_key, certificate_chain)
             if tls or root_certificates or certificate_chain
             else None
         )
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.channel_options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", SERVICE_CONFIG),
             *channel_options,
         ]
 
@@ -339,7 +382,9 @@ def _check_stream_response(response: R, expected_id: str) -> R:
     return response
 
 
-def _ordered_stream(method: Any, messages: Iterable[tuple[str, Any]], max_in_flight: int) -> Iterator[Any]:
+def _ordered_stream(
+    method: Any, messages: Iterable[tuple[str, Any]], max_in_flight: int, metadata: Sequence[tuple[str, str]]
+) -> Iterator[Any]:
     """Run a bidirectional stream whose server answers each request once, in order.
 
     `messages` yields (request_id, request) and is read lazily, never more than `max_in_flight`
@@ -360,7 +405,7 @@ def _ordered_stream(method: Any, messages: Iterable[tuple[str, Any]], max_in_fli
             sent.append(request_id)
             yield message
 
-    responses = method(requests())
+    responses = method(requests(), metadata=metadata)
     try:
         for response in responses:
             checked = _check_stream_response(response, sent.popleft())
@@ -374,7 +419,7 @@ def _ordered_stream(method: Any, messages: Iterable[tuple[str, Any]], max_in_fli
 
 
 async def _ordered_stream_async(
-    method: Any, messages: AsyncIterator[tuple[str, Any]], max_in_flight: int
+    method: Any, messages: AsyncIterator[tuple[str, Any]], max_in_flight: int, metadata: Sequence[tuple[str, str]]
 ) -> AsyncIterator[Any]:
     """asyncio twin of _ordered_stream."""
     slots = asyncio.Semaphore(max_in_flight)
@@ -386,7 +431,7 @@ async def _ordered_stream_async(
             sent.append(request_id)
             yield message
 
-    call = method(requests())
+    call = method(requests(), metadata=metadata)
     try:
         async for response in call:
             checked = _check_stream_response(response, sent.popleft())
@@ -437,13 +482,14 @@ class Client:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = 60.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -454,13 +500,16 @@ class Client:
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
+            token=token,
             max_message_bytes=max_message_bytes,
             channel_options=channel_options,
         )
         if self._options.credentials is not None:
-            self._channel = grpc.secure_channel(target, self._options.credentials, self._options.channel_options)
+            self._channel = grpc.secure_channel(
+                self._options.target, self._options.credentials, self._options.channel_options
+            )
         else:
-            self._channel = grpc.insecure_channel(target, self._options.channel_options)
+            self._channel = grpc.insecure_channel(self._options.target, self._options.channel_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._search_stub = spb_grpc.SearchServiceStub(self._channel)
 
@@ -476,7 +525,11 @@ class Client:
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         """The one place where unary calls are made and gRPC errors become typed exceptions."""
         try:
-            return method(request, timeout=timeout if timeout is not None else self._options.timeout)
+            return method(
+                request,
+                timeout=timeout if timeout is not None else self._options.timeout,
+                metadata=self._options.metadata,
+            )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -526,7 +579,7 @@ class Client:
         A failed batch raises its typed exception (with its request_id) and ends the iteration.
         """
         messages = _embed_stream_messages(_batched(items, batch_size), input_type, dimensions, encoding)
-        for response in _ordered_stream(self._stub.EmbedStream, messages, max_in_flight):
+        for response in _ordered_stream(self._stub.EmbedStream, messages, max_in_flight, self._options.metadata):
             yield decode(response.response).vectors
 
     # -- search ----------------------------------------------------------------------------------
@@ -552,7 +605,9 @@ class Client:
             _upsert_request(collection, number, chunk, options, acked_ids)
             for number, chunk in enumerate(_batched(passages, batch_size))
         )
-        for response in _ordered_stream(self._search_stub.UpsertPassages, messages, max_in_flight):
+        for response in _ordered_stream(
+            self._search_stub.UpsertPassages, messages, max_in_flight, self._options.metadata
+        ):
             yield UpsertAck(response.request_id, acked_ids.pop(response.request_id), response.upserted)
 
     def upsert_passages(self, collection: str, passages: Iterable[PassageLike], **options: Any) -> int:
@@ -607,7 +662,9 @@ class Client:
                 collection, chunk, top_k, dimensions, include_passages, metadata_filter)))
             for n, chunk in enumerate(_batched(queries, batch_size))
         )  # fmt: skip
-        for response in _ordered_stream(self._search_stub.SearchStream, messages, max_in_flight):
+        for response in _ordered_stream(
+            self._search_stub.SearchStream, messages, max_in_flight, self._options.metadata
+        ):
             for result in response.response.results:
                 yield _hits(result)
 
@@ -637,13 +694,14 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = 60.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -654,13 +712,16 @@ class AsyncClient:
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
+            token=token,
             max_message_bytes=max_message_bytes,
             channel_options=channel_options,
         )
         if self._options.credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, self._options.credentials, self._options.channel_options)
+            self._channel = grpc.aio.secure_channel(
+                self._options.target, self._options.credentials, self._options.channel_options
+            )
         else:
-            self._channel = grpc.aio.insecure_channel(target, self._options.channel_options)
+            self._channel = grpc.aio.insecure_channel(self._options.target, self._options.channel_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._search_stub = spb_grpc.SearchServiceStub(self._channel)
 
@@ -677,7 +738,11 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=timeout if timeout is not None else self._options.timeout)
+            return await method(
+                request,
+                timeout=timeout if timeout is not None else self._options.timeout,
+                metadata=self._options.metadata,
+            )
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -726,7 +791,9 @@ class AsyncClient:
                 yield str(number), _embed_stream_request(number, chunk, input_type, dimensions, encoding)
                 number += 1
 
-        async for response in _ordered_stream_async(self._stub.EmbedStream, messages(), max_in_flight):
+        async for response in _ordered_stream_async(
+            self._stub.EmbedStream, messages(), max_in_flight, self._options.metadata
+        ):
             yield decode(response.response).vectors
 
     # -- search ----------------------------------------------------------------------------------
@@ -751,7 +818,9 @@ class AsyncClient:
                 yield _upsert_request(collection, number, chunk, options, acked_ids)
                 number += 1
 
-        async for response in _ordered_stream_async(self._search_stub.UpsertPassages, messages(), max_in_flight):
+        async for response in _ordered_stream_async(
+            self._search_stub.UpsertPassages, messages(), max_in_flight, self._options.metadata
+        ):
             yield UpsertAck(response.request_id, acked_ids.pop(response.request_id), response.upserted)
 
     async def upsert_passages(
@@ -808,7 +877,9 @@ class AsyncClient:
                 yield str(number), spb.SearchStreamRequest(request_id=str(number), request=request)
                 number += 1
 
-        async for response in _ordered_stream_async(self._search_stub.SearchStream, messages(), max_in_flight):
+        async for response in _ordered_stream_async(
+            self._search_stub.SearchStream, messages(), max_in_flight, self._options.metadata
+        ):
             for result in response.response.results:
                 yield _hits(result)
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, search_pb2_grpc
 
 from .batcher import Batcher
@@ -25,6 +26,7 @@ from .engine import EmbeddingEngine
 from .index import open_index
 from .metrics import Metrics
 from .search_servicer import SearchServicer
+from .security import BearerTokenInterceptor, server_credentials
 from .servicer import EmbeddingServicer, TextEmbedder
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,23 @@ class EmbeddingServer:
         self.engine = engine
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
+        tokens = config.auth_tokens()
         self.server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(tokens, open_probes=config.auth_open_probes)] if tokens else [],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # Keepalive enforcement. The option names must be exact: gRPC ignores misspelt ones silently.
+                ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
+                ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
+        self.credentials = server_credentials(config)
         self.batcher = Batcher(
             engine,
             max_batch_tokens=config.max_batch_tokens,
@@ -88,7 +100,11 @@ class EmbeddingServer:
     async def start(self) -> int:
         """Bind, serve health (NOT_SERVING), warm up, then report SERVING. Returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await self.server.start()

@@ -14,6 +14,8 @@ Contract: `Batcher.embed(rows)` returns one unit vector per token row, in order,
   client through HTTP/2 flow control.
 - A cancelled caller's items leave the queue at once and are skipped if already in a round; nothing
   is computed for them.
+- A forward pass that runs out of accelerator memory is split in halves and retried, down to one row;
+  only a row that cannot fit alone fails.
 - The forward pass runs in its own thread, so the event loop keeps accepting and tokenizing
   (tokenization runs in other threads) while the model works: the stages overlap.
 """
@@ -31,10 +33,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import EmbeddingEngine, plan_batches
-from .errors import QueueFullError, UnavailableError
+from .errors import InputTooLargeError, QueueFullError, UnavailableError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(eq=False)
@@ -147,11 +164,23 @@ class Batcher:
             self._update_gauges()
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        """Run one forward pass. Out of memory: halve the batch and retry each half; a single row that
+        still does not fit fails alone (RESOURCE_EXHAUSTED), and every other row gets its vector."""
         started = time.monotonic()
         try:
             vectors = await loop.run_in_executor(self._model_thread, self._engine.forward, [i.ids for i in batch])
         except Exception as error:  # the batch fails, the server does not
-            log.exception("forward pass failed for a batch of %d", len(batch))
+            if is_out_of_memory(error):
+                free_accelerator_memory()
+                if len(batch) > 1:
+                    log.warning("out of memory on %d rows x %d tokens: halving", len(batch), batch[0].tokens)
+                    half = len(batch) // 2
+                    await self._run_batch(loop, batch[:half])
+                    await self._run_batch(loop, batch[half:])
+                    return
+                error = InputTooLargeError(f"a text of {batch[0].tokens} tokens does not fit in accelerator memory")
+            else:
+                log.exception("forward pass failed for a batch of %d", len(batch))
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--no-progress", action="store_true")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from . import logs
+
+    logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command == "serve":
         from .app import serve as run_server
         from .config import from_arguments
@@ -132,7 +131,9 @@ def index_corpus(args: argparse.Namespace) -> int:
         def missing() -> Iterator[dict[str, Any]]:
             records = read_corpus(args.corpus)
             while chunk := list(islice(records, 2000)):
-                stored = {p.id for p in client.get_passages(args.collection, [r["id"] for r in chunk])} if exists else set()
+                stored = (
+                    {p.id for p in client.get_passages(args.collection, [r["id"] for r in chunk])} if exists else set()
+                )
                 progress.update(len(stored))
                 yield from (r for r in chunk if r["id"] not in stored)
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .engine import DEFAULT_MODEL
@@ -42,8 +43,30 @@ class ServerConfig:
     index_kind: str = _opt("flat", "vector index of new collections: flat (exact), hnsw or ivf")
     vector_storage: str = _opt("float16", "precision of stored vectors: float16 or float32")
     max_top_k: int = _opt(1000, "largest top_k a search may ask for")
+    max_tokens_per_request: int = _opt(1_048_576, "most tokens (after truncation) in one request")
+    max_concurrent_rpcs: int = _opt(1000, "calls in progress server-wide; beyond, RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = _opt(100, "concurrent calls on one HTTP/2 connection (grpc.max_concurrent_streams)")
+    keepalive_min_ping_interval_ms: int = _opt(10_000, "clients pinging more often than this are disconnected")
+    tls_cert: str | None = _opt(None, "PEM certificate chain: serve TLS instead of plain text")
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = _opt(None, "PEM CA bundle: require client certificates signed by it (mTLS)")
+    auth_token_file: str | None = _opt(
+        None, "file of accepted bearer tokens, one per line; tokens may also come from $SCHOLAREMBED_AUTH_TOKENS"
+    )
+    auth_open_probes: bool = _opt(False, "with auth on, leave health checking and reflection open for probes")
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port (0 picks a free one)")
+    log_format: str = _opt("text", "text or json (one JSON object per line, with request ids)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
+
+    def auth_tokens(self) -> list[str]:
+        """Accepted bearer tokens, from --auth-token-file and $SCHOLAREMBED_AUTH_TOKENS (comma-separated).
+
+        Never from a flag's value: command lines are visible to every user of the machine.
+        """
+        tokens = [t.strip() for t in os.environ.get(ENV_PREFIX + "AUTH_TOKENS", "").split(",")]
+        if self.auth_token_file:
+            tokens += [line.strip() for line in Path(self.auth_token_file).read_text().splitlines()]
+        return [token for token in tokens if token and not token.startswith("#")]
 
     @property
     def matryoshka_dim_list(self) -> list[int] | None:
@@ -58,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env_name = ENV_PREFIX + config_field.name.upper()
         default = os.environ.get(env_name, config_field.default)
         kind = _field_type(config_field)
+        if kind is bool:
+            parser.add_argument(
+                "--" + config_field.name.replace("_", "-"),
+                action=argparse.BooleanOptionalAction,
+                default=str(default).lower() in ("1", "true", "yes"),
+                help=f"{config_field.metadata['help']} [env {env_name}]",
+            )
+            continue
         parser.add_argument(
             "--" + config_field.name.replace("_", "-"),
             type=kind,
@@ -72,7 +103,7 @@ def from_arguments(arguments: argparse.Namespace) -> ServerConfig:
 
 def _field_type(config_field: dataclasses.Field[Any]) -> type:
     annotation = str(config_field.type)
-    for kind in (int, float):
+    for kind in (bool, int, float):
         if annotation.startswith(kind.__name__):
             return kind
     return str

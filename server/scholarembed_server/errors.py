@@ -34,6 +34,12 @@ class QueueFullError(ScholarEmbedError):
         self.retry_after_s = retry_after_s
 
 
+class InputTooLargeError(ScholarEmbedError):
+    """One input cannot be embedded within the accelerator's memory, even alone."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class UnavailableError(ScholarEmbedError):
     """The server is warming up or draining."""
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from . import logs
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -55,6 +60,9 @@ class Metrics:
             registry=self.registry,
         )
         self.texts = Counter("scholarembed_embedded_texts", "Texts embedded.", registry=self.registry)
+        self.index_passages = Gauge(
+            "scholarembed_index_passages", "Passages stored per collection.", ["collection"], registry=self.registry
+        )
         self.forward_seconds = Histogram(
             "scholarembed_forward_duration_seconds",
             "Time of one forward pass.",
@@ -71,8 +79,9 @@ class Metrics:
         self.forward_seconds.observe(seconds)
 
     @contextlib.contextmanager
-    def track(self, rpc: str) -> Iterator[_Outcome]:
-        """Time an RPC; the handler sets outcome.code if it ends with anything other than OK."""
+    def track(self, rpc: str, context: grpc.aio.ServicerContext) -> Iterator[_Outcome]:
+        """Time and log an RPC under its request id; the handler sets outcome.code unless it ends OK."""
+        logs.request_id.set(logs.request_id_from(context.invocation_metadata()))
         outcome = _Outcome()
         started = time.monotonic()
         try:
@@ -82,7 +91,11 @@ class Metrics:
                 outcome.code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self.request_seconds.labels(rpc, outcome.code.name).observe(time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.request_seconds.labels(rpc, outcome.code.name).observe(seconds)
+            fields = {"rpc": rpc, "code": outcome.code.name, "duration_ms": round(seconds * 1000, 3)}
+            level = logging.DEBUG if outcome.code is grpc.StatusCode.OK else logging.WARNING
+            log.log(level, "%s %s in %.1f ms", rpc, outcome.code.name, seconds * 1000, extra={"fields": fields})
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on its own port (0 picks a free one); returns the bound port."""

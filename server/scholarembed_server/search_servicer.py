@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+
 from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
 
@@ -95,7 +96,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._write_thread, lambda: function(*args))
 
     async def _unary(self, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-        with self._metrics.track(rpc) as outcome:
+        with self._metrics.track(rpc, context) as outcome:
             try:
                 return await call
             except Exception as error:
@@ -122,7 +123,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             finally:
                 committed.set_result(None)
 
-        with self._metrics.track("UpsertPassages"):
+        with self._metrics.track("UpsertPassages", context):
             async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
                 yield response
 
@@ -143,7 +144,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 dimensions=self._engine.dimensions,
                 model=self._engine.model_id,
                 index_kind=_INDEX_KINDS.get(request.options.index_kind, IndexKind(self._config.index_kind)),
-                vector_storage=_STORAGES.get(request.options.vector_storage, VectorStorage(self._config.vector_storage)),
+                vector_storage=_STORAGES.get(
+                    request.options.vector_storage, VectorStorage(self._config.vector_storage)
+                ),
             )
         )
         self._check_compatible(info)
@@ -221,7 +224,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             except Exception as error:
                 return pb.SearchStreamResponse(request_id=message.request_id, error=to_rpc_status(error))
 
-        with self._metrics.track("SearchStream"):
+        with self._metrics.track("SearchStream", context):
             async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
                 yield response
 

@@ -18,9 +18,11 @@ import numpy as np
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 
+from . import logs
 from .batcher import Batcher
 from .config import ServerConfig
 from .engine import EmbeddingEngine, InputType, TokenizedText, Truncation, matryoshka
@@ -213,7 +215,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         )
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        with self._metrics.track("Embed") as outcome:
+        with self._metrics.track("Embed", context) as outcome:
             try:
                 return await self.embed(request, wait=False)
             except Exception as error:
@@ -224,11 +226,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        with self._metrics.track("EmbedStream"):
+        with self._metrics.track("EmbedStream", context):
             async for response in ordered_stream(request_iterator, self._answer, self._config.stream_window):
                 yield response
 
     async def _answer(self, message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
+        logs.request_id.set(f"{logs.request_id.get()}/{message.request_id}")  # this task's own context
         try:
             if not message.HasField("request"):
                 raise InvalidArgumentError("request", "missing: every EmbedStreamRequest carries an EmbedRequest")
@@ -240,7 +243,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        with self._metrics.track("GetModelInfo"):
+        with self._metrics.track("GetModelInfo", context):
             return model_info(self._engine, self._config)
 
 

@@ -1,0 +1,135 @@
+"""TLS, mTLS and bearer tokens, with certificates made here by the `cryptography` package."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import scholarembed
+from scholarembed import Client
+from scholarembed_server.config import ServerConfig
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _certificate(subject: str, key, issuer_name: str, issuer_key, *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = _key()
+    ca = _certificate("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    server_key, client_key = _key(), _key()
+    files = {
+        "ca": ca.public_bytes(serialization.Encoding.PEM),
+        "server_cert": _certificate("localhost", server_key, "test-ca", ca_key).public_bytes(
+            serialization.Encoding.PEM
+        ),
+        "server_key": _pem(server_key),
+        "client_cert": _certificate("client", client_key, "test-ca", ca_key).public_bytes(serialization.Encoding.PEM),
+        "client_key": _pem(client_key),
+    }
+    for name, data in files.items():
+        (folder / f"{name}.pem").write_bytes(data)
+    return {name: folder / f"{name}.pem" for name in files}
+
+
+def test_tls_serves_tls_clients_and_refuses_plain_text(pki, in_process_server) -> None:
+    server = in_process_server(tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]))
+    with Client(server.address, root_certificates=pki["ca"].read_bytes()) as client:
+        assert client.embed_queries(["protein"]).shape == (1, 64)
+    with Client(server.address, timeout=5) as plain, pytest.raises(scholarembed.UnavailableError):
+        plain.embed_queries(["protein"])
+
+
+def test_mtls_requires_a_client_certificate(pki, in_process_server) -> None:
+    server = in_process_server(
+        tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]), tls_client_ca=str(pki["ca"])
+    )
+    with Client(
+        server.address,
+        root_certificates=pki["ca"].read_bytes(),
+        private_key=pki["client_key"].read_bytes(),
+        certificate_chain=pki["client_cert"].read_bytes(),
+    ) as client:
+        assert client.embed_queries(["protein"]).shape == (1, 64)
+    with (
+        Client(server.address, root_certificates=pki["ca"].read_bytes(), timeout=5) as no_certificate,
+        pytest.raises(scholarembed.UnavailableError),
+    ):
+        no_certificate.embed_queries(["protein"])
+
+
+@pytest.fixture
+def token_file(tmp_path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text(f"# accepted tokens\nanother-token\n{TOKEN}\n")
+    return path
+
+
+def test_bearer_token_is_required(token_file, in_process_server) -> None:
+    server = in_process_server(auth_token_file=str(token_file))
+    with Client(server.address, token=TOKEN) as client:
+        assert client.embed_queries(["protein"]).shape == (1, 64)
+        assert len(list(client.embed_stream(["a", "b"]))) == 1
+    for token in (None, "wrong-token", TOKEN + "x"):
+        with Client(server.address, token=token) as client, pytest.raises(scholarembed.AuthenticationError) as error:
+            client.embed_queries(["protein"])
+        assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with Client(server.address, token=token) as client, pytest.raises(scholarembed.AuthenticationError):
+            list(client.embed_stream(["a"]))
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as error:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_probes_can_be_left_open(token_file, in_process_server) -> None:
+    server = in_process_server(auth_token_file=str(token_file), auth_open_probes=True)
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    with Client(server.address) as client, pytest.raises(scholarembed.AuthenticationError):
+        client.model_info()
+
+
+def test_tokens_come_from_the_environment_not_flags(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SCHOLAREMBED_AUTH_TOKENS", "one, two")
+    assert ServerConfig().auth_tokens() == ["one", "two"]
+    assert "auth_tokens" not in ServerConfig.__dataclass_fields__  # no flag can carry a token
