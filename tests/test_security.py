@@ -19,6 +19,7 @@ from scholarembed import Client
 from scholarembed_server.config import ServerConfig
 
 TOKEN = "s3cret-token-for-tests"
+PEM = serialization.Encoding.PEM
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -63,7 +64,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
             serialization.Encoding.PEM
         ),
         "server_key": _pem(server_key),
-        "client_cert": _certificate("client", client_key, "test-ca", ca_key).public_bytes(serialization.Encoding.PEM),
+        "client_cert": _certificate("client", client_key, "test-ca", ca_key).public_bytes(PEM),
         "client_key": _pem(client_key),
     }
     for name, data in files.items():
