@@ -10,11 +10,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUF_VERSION := 1.75.0
 BUF := .cache/npm/node_modules/.bin/buf
+# buf breaking compares protos/ with this image of the contract as last released from main, not with
+# git history: the image is in every clone (shallow ones too) and answers the question that matters to
+# clients, whether main still speaks the released protocol; comparing with HEAD~1 would only ask
+# whether the latest commit broke something. On a branch, also compare with main's protos as they are
+# now: make check-protos BUF_AGAINST='.git#branch=main'.
+PROTOS_BASELINE := protos/baseline/scholarembed-v1.binpb
+BUF_AGAINST ?= $(PROTOS_BASELINE)
 MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos check-protos lint test test-all serve eval bench clean
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve eval bench clean ts-example
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -40,19 +47,28 @@ protos: $(VENV)/.installed ## regenerate the Python stubs in client/scholarembed
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
 		--python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client \
 		protos/scholarembed/v1/*.proto
+	$(PY) scripts/gen_protocol_docs.py
 
-check-protos: $(VENV)/.installed $(BUF) ## buf lint, and fail if the checked-in stubs are stale
+protos-baseline: $(BUF) ## on release: record protos/ as the contract that buf breaking holds main to
+	@$(BUF) breaking --against $(PROTOS_BASELINE) || [ "$(ACCEPT_BREAKING)" = 1 ] || { \
+		echo "The changes above break clients of the released contract. Prefer a new package version"; \
+		echo "(scholarembed.v2); to release them as v1 anyway: make protos-baseline ACCEPT_BREAKING=1"; exit 1; }
+	$(BUF) build --exclude-source-info -o $(PROTOS_BASELINE)
+
+check-protos: $(VENV)/.installed $(BUF) ## buf lint, buf breaking, and fail if stubs or docs/protocol.md are stale
 	$(BUF) lint
+	$(BUF) breaking --against '$(BUF_AGAINST)'
 	@tmp=$$(mktemp -d) && PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
 		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
 		protos/scholarembed/v1/*.proto >/dev/null \
 		&& for f in $$tmp/scholarembed/v1/*; do \
 			cmp -s $$f client/scholarembed/v1/$$(basename $$f) || { echo "stale stub: $$(basename $$f); run make protos"; exit 1; }; \
 		done && echo "stubs are fresh"
+	$(PY) scripts/gen_protocol_docs.py --check
 
 lint: $(VENV)/.installed ## ruff and mypy (strict on the client)
-	$(VENV)/bin/ruff check client server tests bench
-	$(VENV)/bin/ruff format --check client/scholarembed/*.py server tests bench
+	$(VENV)/bin/ruff check client server tests bench scripts
+	$(VENV)/bin/ruff format --check client/scholarembed/*.py server tests bench scripts
 	$(VENV)/bin/mypy
 
 test: install check-protos lint ## set everything up and run the test suite (what CI runs)
@@ -63,6 +79,9 @@ test-all: install ## every test, slow ones included (GPU tests skip without a GP
 
 serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
 	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
+
+ts-example: install ## build the TypeScript example client and run it against a tiny-model server
+	$(PY) -m pytest tests/test_typescript_client.py $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark: server vs model-card loop vs sentence-transformers style
 	$(PY) -m bench.throughput --cpu
