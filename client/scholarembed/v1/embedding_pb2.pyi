@@ -134,12 +134,17 @@ class EmbedRequest(_message.Message):
     """Required: how the texts are prompted. INPUT_TYPE_UNSPECIFIED is INVALID_ARGUMENT."""
     dimensions: _builtins.int
     """Output dimensions: 0 means the model's full size; otherwise one of
-    GetModelInfoResponse.matryoshka_dimensions. Truncated vectors are re-normalised to unit length.
+    GetModelInfoResponse.matryoshka_dimensions (any other value is INVALID_ARGUMENT). Truncated
+    vectors are re-normalised to unit length.
     """
     encoding: Global___Encoding.ValueType
-    """Byte layout of the returned vectors. Default: ENCODING_FLOAT32."""
+    """Byte layout of the returned vectors. Default: ENCODING_FLOAT32. Unknown values are
+    INVALID_ARGUMENT.
+    """
     truncation: Global___Truncation.ValueType
-    """What to do with texts over max_tokens. Default: TRUNCATION_END (truncate and flag)."""
+    """What to do with texts over max_tokens. Default: TRUNCATION_END (truncate and flag). Unknown
+    values are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts to embed, 1 to GetModelInfoResponse.limits.max_texts_per_request of them. An empty

@@ -6,9 +6,13 @@ Search over passages stored in the server: stream a corpus in, search it with qu
 Errors (gRPC status codes; details carry google.rpc.BadRequest naming the field):
   INVALID_ARGUMENT    a request field is wrong (empty id, duplicate ids, top_k out of range, ...).
   NOT_FOUND           the collection does not exist.
+  FAILED_PRECONDITION the collection holds vectors of another model than the server's.
   RESOURCE_EXHAUSTED  a message over the size limit, or the server's queue is full (unary calls).
   UNAVAILABLE         the server is starting up or draining.
-  INTERNAL / DATA_LOSS  a write failed (e.g. disk full): nothing of that request was acknowledged.
+  UNIMPLEMENTED       the server runs without a passage store (no --data-dir or --index-uri).
+  INTERNAL            a write failed (e.g. disk full): nothing of that request was acknowledged.
+  DATA_LOSS           the collection's files on disk are inconsistent; it is refused (others
+                      are served) until restored from a backup or deleted.
 """
 
 from collections import abc as _abc
@@ -111,11 +115,13 @@ class Passage(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Caller's id, unique in the collection; 1 to 512 bytes, required."""
+    """Caller's id, unique in the collection; 1 to 512 bytes of UTF-8, required."""
     title: _builtins.str
     """Optional title; embedded with the text as the model card says ("title: {title} | text: ...")."""
     text: _builtins.str
-    """The text to embed and search; required, non-empty."""
+    """The text to embed and search; required, non-empty. Beyond the model's max_tokens (prompt
+    included) it is embedded truncated, as TRUNCATION_END; it is stored whole.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form string metadata, returned with hits and usable in SearchRequest.filter."""
@@ -178,7 +184,9 @@ class UpsertPassagesRequest(_message.Message):
     """Caller's correlation id, echoed in the response; use it to resume after a break."""
     @_builtins.property
     def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Passage]:
-        """1 to max_texts_per_request passages; ids must be unique within the request."""
+        """1 to GetModelInfoResponse.limits.max_texts_per_request passages; ids must be unique within the
+        request. A violation is an in-band INVALID_ARGUMENT naming the field, e.g. "passages[3].id".
+        """
 
     @_builtins.property
     def options(self) -> Global___CollectionOptions:
@@ -244,7 +252,7 @@ class DeletePassagesRequest(_message.Message):
     """Collection name; NOT_FOUND if it does not exist."""
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids to delete; at least one."""
+        """Ids to delete; at least one. Ids not stored are ignored."""
 
     def __init__(
         self,
@@ -371,16 +379,23 @@ class SearchRequest(_message.Message):
     top_k: _builtins.int
     """Hits per query: 1 to the server's max_top_k (default 1000). 0 is INVALID_ARGUMENT."""
     dimensions: _builtins.int
-    """Matryoshka dimension to search at (stored prefix, re-normalised); 0 means full size."""
+    """Matryoshka dimension to search at (stored prefix, re-normalised); 0 means full size, otherwise
+    one of GetModelInfoResponse.matryoshka_dimensions (any other value is INVALID_ARGUMENT).
+    """
     include_passages: _builtins.bool
     """Return each hit's title, text and metadata (default: ids and scores only)."""
     @_builtins.property
     def queries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Query texts, embedded with the query prompt; 1 to max_texts_per_request, each non-empty."""
+        """Query texts, embedded with the query prompt: 1 to
+        GetModelInfoResponse.limits.max_texts_per_request of them, each non-empty. Queries beyond the
+        model's max_tokens are truncated, as TRUNCATION_END.
+        """
 
     @_builtins.property
     def filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Exact-match metadata filter: a hit's metadata must have every key with exactly this value."""
+        """Exact-match metadata filter: a hit's metadata must have every key with exactly this value.
+        Empty (the default): no filter.
+        """
 
     def __init__(
         self,

@@ -6,9 +6,13 @@ Search over passages stored in the server: stream a corpus in, search it with qu
 Errors (gRPC status codes; details carry google.rpc.BadRequest naming the field):
   INVALID_ARGUMENT    a request field is wrong (empty id, duplicate ids, top_k out of range, ...).
   NOT_FOUND           the collection does not exist.
+  FAILED_PRECONDITION the collection holds vectors of another model than the server's.
   RESOURCE_EXHAUSTED  a message over the size limit, or the server's queue is full (unary calls).
   UNAVAILABLE         the server is starting up or draining.
-  INTERNAL / DATA_LOSS  a write failed (e.g. disk full): nothing of that request was acknowledged.
+  UNIMPLEMENTED       the server runs without a passage store (no --data-dir or --index-uri).
+  INTERNAL            a write failed (e.g. disk full): nothing of that request was acknowledged.
+  DATA_LOSS           the collection's files on disk are inconsistent; it is refused (others
+                      are served) until restored from a backup or deleted.
 """
 
 from collections import abc as _abc
