@@ -80,6 +80,7 @@ class ServerProcess:
 
     def __init__(self, tmp_path: Path, *args: str, preexec_fn: Any = None) -> None:
         port_file = tmp_path / f"port-{time.monotonic_ns()}"
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(

@@ -11,12 +11,15 @@ import time
 import grpc
 import numpy as np
 import pytest
-import scholarembed
 from conftest import TINY_MATRYOSHKA, ServerProcess
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_model import WORDS
+
+import scholarembed
 from scholarembed import Client, Passage
 from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
-from tiny_model import WORDS
 
 
 def corpus(count: int, prefix: str = "p") -> list[Passage]:
@@ -325,3 +328,43 @@ def test_milvus_backend_serves_the_same_results(tmp_path, tiny_model_dir, client
             assert {h.id for h in hits} == {p.id for p in passages if p.metadata["venue"] == "nature"}
     finally:
         server.stop()
+
+
+search_requests = st.builds(
+    pb.SearchRequest,
+    collection=st.sampled_from(["filtered", "missing", "", "bad name!", "x" * 65]),
+    queries=st.lists(st.text(max_size=30), max_size=5),
+    top_k=st.sampled_from([0, 1, 5, 200, 201, 2**32 - 1]),
+    dimensions=st.sampled_from([0, 16, 17, 64, 4096]),
+    include_passages=st.booleans(),
+    filter=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+)
+upsert_requests = st.builds(
+    pb.UpsertPassagesRequest,
+    collection=st.sampled_from(["fuzzed", "", "bad name!"]),
+    passages=st.lists(
+        st.builds(
+            pb.Passage,
+            id=st.text(max_size=8),
+            text=st.text(max_size=20),
+            title=st.text(max_size=5),
+            metadata=st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+        ),
+        max_size=4,
+    ),
+    options=st.builds(pb.CollectionOptions, index_kind=st.integers(0, 5), vector_storage=st.integers(0, 4)),
+)
+ACCEPTABLE = {grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.NOT_FOUND.value[0], 0}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(search=search_requests, upsert=upsert_requests)
+def test_arbitrary_search_and_upsert_requests_never_produce_internal(search_server, search, upsert) -> None:
+    with grpc.insecure_channel(search_server.address) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        try:
+            stub.Search(search, timeout=30)
+        except grpc.RpcError as error:
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), error.details()
+        [response] = list(stub.UpsertPassages(iter([upsert]), timeout=30))
+        assert response.error.code in ACCEPTABLE, response.error.message
