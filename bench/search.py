@@ -122,7 +122,9 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"search-cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     machine = f"{platform.machine()} {os.cpu_count()} cores"
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "runs": reports}, indent=2))
+    path.write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "runs": reports}, indent=2)
+    )
     print(f"wrote {path}", file=sys.stderr)
 
 

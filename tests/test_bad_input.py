@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import scholarembed
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_model import WORDS
+
+import scholarembed
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
-from tiny_model import WORDS
 
 QUERY = pb.INPUT_TYPE_QUERY
 CASES = {

@@ -12,10 +12,11 @@ import grpc
 import numpy as np
 from conftest import TINY_MATRYOSHKA, ServerProcess
 from reference import cosine
+from tiny_model import WORDS
+
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
-from tiny_model import WORDS
 
 
 def write_corpus(path, count: int = 150) -> list[dict[str, str]]:

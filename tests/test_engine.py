@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from reference import ModelCard, card_passage, card_query, cosine
+from tiny_model import WORDS, build_tiny_embeddinggemma
+
 from scholarembed_server.engine import (
     EMBEDDINGGEMMA_PROMPTS,
     EmbeddingEngine,
@@ -19,7 +21,6 @@ from scholarembed_server.engine import (
     plan_batches,
 )
 from scholarembed_server.errors import InvalidArgumentError, ModelLoadError
-from tiny_model import WORDS, build_tiny_embeddinggemma
 
 ORACLE = 0.99999
 

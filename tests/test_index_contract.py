@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from scholarembed_server.errors import InvalidArgumentError
 from scholarembed_server.index import embedded
 from scholarembed_server.index.base import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import cosine
+
 from scholarembed_server.engine import EmbeddingEngine, InputType, PromptTemplates
 
 TEXTS = [

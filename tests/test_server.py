@@ -10,14 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-import scholarembed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from reference import ModelCard, card_passage, card_query, cosine
+from tiny_model import WORDS
+
+import scholarembed
 from scholarembed import AsyncClient, Client, Encoding
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
-from tiny_model import WORDS
 
 ORACLE = 0.99999
 TEXTS = [
