@@ -211,3 +211,18 @@ def test_out_of_memory_halves_the_batch_and_fails_only_what_cannot_fit(tiny_engi
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         assert client.embed(["still fine"], input_type="raw").vectors.shape == (1, 64)
+
+
+def test_tokens_per_request_limit_and_index_size_gauge(tiny_engine, in_process_server, tmp_path) -> None:
+    server = in_process_server(max_tokens_per_request=40, data_dir=str(tmp_path / "data"))
+    with Client(server.address) as client:
+        with pytest.raises(scholarembed.InvalidArgumentError) as raised:
+            client.embed_queries(["protein gene cell"] * 5)
+        assert raised.value.field_violations[0].field == "texts"
+        assert client.embed_queries(["protein"]).shape == (1, 64)
+        passages = [scholarembed.Passage(id=str(i), text="cell") for i in range(3)]
+        client.upsert_passages("sized", passages, batch_size=1)
+        gauge = server.server.metrics.registry.get_sample_value
+        assert gauge("scholarembed_index_passages", {"collection": "sized"}) == 3
+        client.delete_passages("sized", ["0"])
+        assert gauge("scholarembed_index_passages", {"collection": "sized"}) == 2

@@ -78,7 +78,7 @@ class EmbeddingServer:
             max_wait_s=config.max_wait_ms / 1000,
             metrics=self.metrics,
         )
-        self.embedder = TextEmbedder(engine, self.batcher, config.tokenizer_threads)
+        self.embedder = TextEmbedder(engine, self.batcher, config.tokenizer_threads, config.max_tokens_per_request)
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(self.embedder, config, self.metrics), self.server
         )

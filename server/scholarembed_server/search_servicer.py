@@ -8,6 +8,7 @@ each response is sent only after its request's commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._index = index
         self._config = config
         self._metrics = metrics
+        for info in index.list_collections():
+            metrics.index_passages.labels(info.name).set(info.passage_count)
         # One writer thread: commits are serialised anyway, and searches must not wait behind them.
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="index-write")
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="index-read")
@@ -150,7 +153,17 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             )
         )
         self._check_compatible(info)
-        return await self._write(self._index.upsert, name, passages, vectors)
+        upserted = await self._write(self._index.upsert, name, passages, vectors)
+        await self._update_size_gauge(name)
+        return upserted
+
+    async def _update_size_gauge(self, name: str, deleted: bool = False) -> None:
+        if deleted:
+            with contextlib.suppress(KeyError):  # never labelled: nothing to remove
+                self._metrics.index_passages.remove(name)
+        else:
+            info = await self._read(self._index.get_collection, name)
+            self._metrics.index_passages.labels(name).set(info.passage_count)
 
     def _check_compatible(self, info: CollectionInfo) -> None:
         if info.dimensions != self._engine.dimensions or info.model != self._engine.model_id:
@@ -237,7 +250,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             name = check_collection_name(request.collection)
             if not request.ids:
                 raise InvalidArgumentError("ids", "must contain at least one id")
-            return pb.DeletePassagesResponse(deleted=await self._write(self._index.delete, name, list(request.ids)))
+            deleted = await self._write(self._index.delete, name, list(request.ids))
+            await self._update_size_gauge(name)
+            return pb.DeletePassagesResponse(deleted=deleted)
 
         return await self._unary("DeletePassages", context, run())
 
@@ -280,7 +295,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     ) -> pb.DeleteCollectionResponse:
         async def run() -> pb.DeleteCollectionResponse:
             name = check_collection_name(request.name, "name")
-            return pb.DeleteCollectionResponse(deleted_passages=await self._write(self._index.delete_collection, name))
+            deleted = await self._write(self._index.delete_collection, name)
+            await self._update_size_gauge(name, deleted=True)
+            return pb.DeleteCollectionResponse(deleted_passages=deleted)
 
         return await self._unary("DeleteCollection", context, run())
 

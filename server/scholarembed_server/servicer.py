@@ -138,9 +138,12 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None
 class TextEmbedder:
     """Tokenize in worker threads, then embed through the shared batcher: the path every servicer uses."""
 
-    def __init__(self, engine: EmbeddingEngine, batcher: Batcher, tokenizer_threads: int) -> None:
+    def __init__(
+        self, engine: EmbeddingEngine, batcher: Batcher, tokenizer_threads: int, max_tokens_per_request: int
+    ) -> None:
         self.engine = engine
         self.batcher = batcher
+        self.max_tokens_per_request = max_tokens_per_request
         self._threads = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self.ready = False  # set once the model is warm; until then calls get UNAVAILABLE
 
@@ -152,6 +155,11 @@ class TextEmbedder:
             raise UnavailableError("model is warming up")
         loop = asyncio.get_running_loop()
         tokenized = await loop.run_in_executor(self._threads, self.engine.tokenize, prompted_texts, truncation)
+        total = sum(len(t.ids) for t in tokenized)
+        if total > self.max_tokens_per_request:
+            raise InvalidArgumentError(
+                "texts", f"{total} tokens in one request exceed the limit of {self.max_tokens_per_request}"
+            )
         vectors = await self.batcher.embed([t.ids for t in tokenized], wait=wait)
         return vectors, tokenized
 
