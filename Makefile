@@ -21,7 +21,7 @@ MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve eval bench clean ts-example
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve eval bench bench-search-1m clean ts-example
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -83,8 +83,15 @@ serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.
 ts-example: install ## build the TypeScript example client and run it against a tiny-model server
 	$(PY) -m pytest tests/test_typescript_client.py $(PYTEST_ARGS)
 
-bench: install ## CPU throughput benchmark: server vs model-card loop vs sentence-transformers style
+bench: install ## CPU benchmarks: embedding throughput vs baselines, and exact vs approximate search
 	$(PY) -m bench.throughput --cpu
+	$(PY) -m bench.search --sizes 100000
+
+bench-search-1m: install ## search benchmark at 100k and 1M passages (~30 min on 2 cores, ~10 GB disk)
+	$(PY) -m bench.search --sizes 100000,1000000
+
+eval: install ## full SciFact test-split evaluation through the server vs MTEB's published figures
+	$(PY) -m bench.eval_scifact
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
