@@ -43,7 +43,7 @@ install: $(VENV)/.installed ## create .venv with the server, dev tools and test 
 $(BUF):
 	npm install --no-save --no-audit --no-fund --prefix .cache/npm @bufbuild/buf@$(BUF_VERSION)
 
-protos: $(VENV)/.installed ## regenerate the Python stubs in client/scholarembed/v1 from protos/
+protos: $(VENV)/.installed ## regenerate the Python stubs (client/scholarembed/v1) and docs/protocol.md from protos/
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
 		--python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client \
 		protos/scholarembed/v1/*.proto
