@@ -138,7 +138,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if request.options.vector_storage not in (0, *_STORAGES):
             raise InvalidArgumentError("options.vector_storage", f"unknown storage {request.options.vector_storage}")
         texts = self._engine.prompts.apply([p.text for p in passages], InputType.PASSAGE, [p.title for p in passages])
-        vectors, _ = await self._embedder.embed(texts, Truncation.END, wait=True)
+        vectors, _ = await self._embedder.embed(texts, Truncation.END, wait=True, field="passages")
         if my_turn is not None:
             await asyncio.shield(my_turn)
         info = await self._write(
@@ -191,7 +191,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         dimensions = self._engine.check_dimensions(request.dimensions)
         self._check_compatible(await self._read(self._index.get_collection, name))  # NOT_FOUND before embedding
         full, _ = await self._embedder.embed(
-            self._engine.prompts.apply(queries, InputType.QUERY), Truncation.END, wait=wait
+            self._engine.prompts.apply(queries, InputType.QUERY), Truncation.END, wait=wait, field="queries"
         )
         hits = await self._read(
             lambda: self._index.search(

@@ -148,9 +148,10 @@ class TextEmbedder:
         self.ready = False  # set once the model is warm; until then calls get UNAVAILABLE
 
     async def embed(
-        self, prompted_texts: list[str], truncation: Truncation, *, wait: bool
+        self, prompted_texts: list[str], truncation: Truncation, *, wait: bool, field: str = "texts"
     ) -> tuple[np.ndarray, list[TokenizedText]]:
-        """(full-dimension unit vectors, token rows), one per text, in order."""
+        """(full-dimension unit vectors, token rows), one per text, in order. `field` names the
+        request field the texts came from, for errors."""
         if not self.ready:
             raise UnavailableError("model is warming up")
         loop = asyncio.get_running_loop()
@@ -158,7 +159,7 @@ class TextEmbedder:
         total = sum(len(t.ids) for t in tokenized)
         if total > self.max_tokens_per_request:
             raise InvalidArgumentError(
-                "texts", f"{total} tokens in one request exceed the limit of {self.max_tokens_per_request}"
+                field, f"{total} tokens in one request exceed the limit of {self.max_tokens_per_request}"
             )
         vectors = await self.batcher.embed([t.ids for t in tokenized], wait=wait)
         return vectors, tokenized
