@@ -377,14 +377,20 @@ class EmbeddingEngine:
         """Prompt, tokenize and embed texts in length-sorted token-budget batches; one vector per text, in order."""
         dimensions = self.check_dimensions(dimensions)
         tokenized = self.tokenize(self.prompts.apply(texts, input_type, titles), truncation)
-        vectors = np.empty((len(tokenized), self.dimensions), dtype=np.float32)
-        for batch in plan_batches([len(t.ids) for t in tokenized], max_batch_tokens):
-            vectors[batch] = self.forward([tokenized[i].ids for i in batch])
+        vectors = self.forward_planned([t.ids for t in tokenized], max_batch_tokens)
         return EncodeResult(
             vectors=matryoshka(vectors, dimensions),
             token_counts=[len(t.ids) for t in tokenized],
             truncated=[t.truncated for t in tokenized],
         )
+
+    def forward_planned(self, rows: Sequence[Sequence[int]], max_batch_tokens: int = 16384) -> np.ndarray:
+        """Embed any number of token-id rows in length-sorted token-budget batches (see `plan_batches`):
+        (n, full dims) float32 unit vectors, one per row, in order."""
+        vectors = np.empty((len(rows), self.dimensions), dtype=np.float32)
+        for batch in plan_batches([len(row) for row in rows], max_batch_tokens):
+            vectors[batch] = self.forward([rows[i] for i in batch])
+        return vectors
 
     def check_dimensions(self, dimensions: int) -> int:
         """Map 0 to the full size; reject anything that is not a Matryoshka dimension."""
