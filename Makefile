@@ -21,7 +21,7 @@ MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve eval bench bench-search-1m clean ts-example
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-search-1m clean ts-example
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ test-all: install ## every test, slow ones included (GPU tests skip without a GP
 
 serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
 	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
+
+triton: install ## serve MODEL with the bundled Triton Inference Server, no Docker (gRPC on 127.0.0.1:8001)
+	$(PY) -m scholarembed_server.triton_server --model $(MODEL)
 
 ts-example: install ## build the TypeScript example client and run it against a tiny-model server
 	$(PY) -m pytest tests/test_typescript_client.py $(PYTEST_ARGS)
