@@ -178,11 +178,18 @@ async def ordered_stream(
     While the window is full the request stream is not read, so HTTP/2 flow control slows the
     client down instead of anything failing. `answer` reports errors in its response, never raises.
     """
-    in_progress: asyncio.Queue[asyncio.Task[ResponseT] | None] = asyncio.Queue(maxsize=window)
+    slots = asyncio.Semaphore(window)  # a request holds a slot from being read until its answer is sent
+    in_progress: asyncio.Queue[asyncio.Task[ResponseT] | None] = asyncio.Queue()
+    messages = aiter(request_iterator)
 
     async def read_requests() -> None:
         try:
-            async for message in request_iterator:
+            while True:
+                await slots.acquire()
+                try:
+                    message = await anext(messages)
+                except StopAsyncIteration:
+                    return
                 await in_progress.put(asyncio.create_task(answer(message)))
         finally:
             await in_progress.put(None)
@@ -191,6 +198,7 @@ async def ordered_stream(
     try:
         while (task := await in_progress.get()) is not None:
             yield await task
+            slots.release()
         await reader  # surfaces a broken request stream
     finally:
         reader.cancel()
