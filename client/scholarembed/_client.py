@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import itertools
@@ -473,7 +474,61 @@ def _embed_stream_request(
     return pb.EmbedStreamRequest(request_id=str(number), request=request)
 
 
-class Client:
+class EmbedHelpers(abc.ABC):
+    """embed_queries / embed_passages on top of `embed`, shared by every blocking transport."""
+
+    @abc.abstractmethod
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        input_type: InputType | str,
+        titles: Sequence[str] | None = None,
+        dimensions: int | None = None,
+        encoding: Encoding | str = Encoding.FLOAT32,
+        truncation: Truncation | str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult: ...
+
+    def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
+        """(n, d) float32 unit vectors for search queries."""
+        return self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions).vectors
+
+    def embed_passages(
+        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
+    ) -> np.ndarray:
+        """(n, d) float32 unit vectors for passages (abstracts, chunks), with optional titles."""
+        return self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions).vectors
+
+
+class AsyncEmbedHelpers(abc.ABC):
+    """The asyncio twin of EmbedHelpers."""
+
+    @abc.abstractmethod
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        input_type: InputType | str,
+        titles: Sequence[str] | None = None,
+        dimensions: int | None = None,
+        encoding: Encoding | str = Encoding.FLOAT32,
+        truncation: Truncation | str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult: ...
+
+    async def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
+        """(n, d) float32 unit vectors for search queries."""
+        return (await self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions)).vectors
+
+    async def embed_passages(
+        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
+    ) -> np.ndarray:
+        """(n, d) float32 unit vectors for passages (abstracts, chunks), with optional titles."""
+        return (await self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions)).vectors
+
+
+class Client(EmbedHelpers):
     """Blocking client. Use as a context manager, or call close().
 
     >>> with Client("127.0.0.1:50051") as client:
@@ -548,16 +603,6 @@ class Client:
             texts, input_type, titles=titles, dimensions=dimensions, encoding=encoding, truncation=truncation
         )
         return decode(self._call(self._stub.Embed, request, timeout))
-
-    def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
-        """(n, d) float32 unit vectors for search queries."""
-        return self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions).vectors
-
-    def embed_passages(
-        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
-    ) -> np.ndarray:
-        """(n, d) float32 unit vectors for passages (abstracts, chunks), with optional titles."""
-        return self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions).vectors
 
     def model_info(self) -> ModelInfo:
         return _model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
@@ -689,7 +734,7 @@ class Client:
         return int(self._call(self._search_stub.DeleteCollection, request).deleted_passages)
 
 
-class AsyncClient:
+class AsyncClient(AsyncEmbedHelpers):
     """asyncio twin of Client, with the same methods as coroutines (embed_stream is an async iterator)."""
 
     def __init__(
@@ -761,14 +806,6 @@ class AsyncClient:
             texts, input_type, titles=titles, dimensions=dimensions, encoding=encoding, truncation=truncation
         )
         return decode(await self._call(self._stub.Embed, request, timeout))
-
-    async def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
-        return (await self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions)).vectors
-
-    async def embed_passages(
-        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
-    ) -> np.ndarray:
-        return (await self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions)).vectors
 
     async def model_info(self) -> ModelInfo:
         return _model_info(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest()))

@@ -31,6 +31,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from . import errors
 from ._client import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    AsyncEmbedHelpers,
+    EmbedHelpers,
     EmbedResult,
     Encoding,
     InputType,
@@ -199,7 +201,7 @@ class _TritonOptions:
         )
 
 
-class TritonClient:
+class TritonClient(EmbedHelpers):
     """Blocking client for the Triton model; Client's embedding methods. Use as a context manager, or close().
 
     A call's texts go out as concurrent requests of at most the model's max_batch_size texts (one
@@ -285,18 +287,8 @@ class TritonClient:
                 future.set_result(error)
         return self._options.result(len(texts), parts, [future.result() for future in futures])
 
-    def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
-        """(n, d) float32 unit vectors for search queries."""
-        return self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions).vectors
 
-    def embed_passages(
-        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
-    ) -> np.ndarray:
-        """(n, d) float32 unit vectors for passages (abstracts, chunks), with optional titles."""
-        return self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions).vectors
-
-
-class AsyncTritonClient:
+class AsyncTritonClient(AsyncEmbedHelpers):
     """asyncio twin of TritonClient, with the same methods as coroutines."""
 
     def __init__(
@@ -371,11 +363,3 @@ class AsyncTritonClient:
             return_exceptions=True,
         )
         return self._options.result(len(texts), parts, list(outcomes))
-
-    async def embed_queries(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
-        return (await self.embed(texts, input_type=InputType.QUERY, dimensions=dimensions)).vectors
-
-    async def embed_passages(
-        self, texts: Sequence[str], titles: Sequence[str] | None = None, dimensions: int | None = None
-    ) -> np.ndarray:
-        return (await self.embed(texts, input_type=InputType.PASSAGE, titles=titles, dimensions=dimensions)).vectors
