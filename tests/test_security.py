@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import threading
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import scholarembed
 from scholarembed import Client
+from scholarembed.v1 import embedding_pb2 as pb
+from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed_server.config import ServerConfig
 
 TOKEN = "s3cret-token-for-tests"
@@ -134,3 +137,31 @@ def test_tokens_come_from_the_environment_not_flags(monkeypatch, tmp_path) -> No
     monkeypatch.setenv("SCHOLAREMBED_AUTH_TOKENS", "one, two")
     assert ServerConfig().auth_tokens() == ["one", "two"]
     assert "auth_tokens" not in ServerConfig.__dataclass_fields__  # no flag can carry a token
+
+
+@pytest.mark.parametrize(("min_interval_ms", "disconnected"), [(60_000, True), (10, False)])
+def test_keepalive_enforcement_disconnects_clients_that_ping_too_often(
+    in_process_server, min_interval_ms, disconnected
+) -> None:
+    """A misspelt option would be ignored silently, so the enforcement itself is tested."""
+    server = in_process_server(keepalive_min_ping_interval_ms=min_interval_ms)
+    pinging_every_100ms = [
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    release = threading.Event()
+
+    def requests():
+        yield pb.EmbedStreamRequest(request_id="0", request=pb.EmbedRequest(texts=["a"], input_type=1))
+        release.wait(6)  # an idle stream: nothing but pings on the connection
+
+    with grpc.insecure_channel(server.address, pinging_every_100ms) as channel:
+        stream = pb_grpc.EmbeddingServiceStub(channel).EmbedStream(requests())
+        if disconnected:
+            with pytest.raises(grpc.RpcError) as error:
+                list(stream)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "too many pings" in error.value.details().lower()
+        else:
+            assert [r.request_id for r in stream] == ["0"]
