@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, search_pb2_grpc
 
 from .batcher import Batcher
+from .buckets import LengthBuckets, Tail
 from .config import ServerConfig
-from .engine import EmbeddingEngine
+from .engine import EmbeddingEngine, use_compile_cache
 from .index import open_index
 from .metrics import Metrics
 from .search_servicer import SearchServicer
@@ -46,12 +47,39 @@ def load_engine(config: ServerConfig) -> EmbeddingEngine:
     )
 
 
+def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngine:
+    """The engine as the config's --compile and --buckets flags want it: eager at each batch's own shape
+    (the CPU default), or in static bucket shapes, compiled (the CUDA default) or not."""
+    if config.compile not in ("auto", "on", "off"):
+        raise ValueError(f"--compile {config.compile!r}: use auto, on or off")
+    compiling = config.compile == "on" or (config.compile == "auto" and engine.device.type == "cuda")
+    if engine.buckets is not None or config.buckets == "off" or (config.buckets == "auto" and not compiling):
+        if compiling and engine.buckets is None:
+            raise ValueError("--compile needs static shapes: --buckets must not be off")
+        return engine
+    if compiling:
+        use_compile_cache(config.compile_cache_dir)
+    buckets = LengthBuckets.create(
+        None if config.buckets in ("auto", "on") else config.buckets,
+        max_tokens=engine.max_tokens,
+        max_batch_tokens=config.max_batch_tokens,
+        tail=Tail(config.tail),
+        row_step=config.bucket_row_step,
+    )
+    log.info("bucket lengths %s, %d static shapes, compile %s", buckets.lengths, len(buckets.shapes()), compiling)
+    return engine.with_buckets(
+        buckets,
+        compile_mode=config.compile_mode if compiling else None,
+        cuda_graph_max_tokens=config.cuda_graph_max_tokens,
+    )
+
+
 class EmbeddingServer:
     """A running scholarembed server. Build it with `create_server`."""
 
     def __init__(self, config: ServerConfig, engine: EmbeddingEngine) -> None:
         self.config = config
-        self.engine = engine
+        self.engine = engine = with_buckets(engine, config)
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         tokens = config.auth_tokens()
@@ -111,7 +139,7 @@ class EmbeddingServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         self.batcher.start()
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.warmup)
+        await self.batcher.warmup()
         self.embedder.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.port_file:

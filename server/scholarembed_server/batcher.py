@@ -18,6 +18,9 @@ Contract: `Batcher.embed(rows)` returns one unit vector per token row, in order,
   only a row that cannot fit alone fails.
 - The forward pass runs in its own thread, so the event loop keeps accepting and tokenizing
   (tokenization runs in other threads) while the model works: the stages overlap.
+- With length buckets on (`EmbeddingEngine.with_buckets`), batches are planned by bucket and launched
+  without waiting for the previous one: up to `max_in_flight` batches are queued on the GPU while
+  the model thread pads and uploads the next, and a fetch thread waits for each batch's vectors.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import EmbeddingEngine, plan_batches
+from .engine import EmbeddingEngine, PendingVectors
 from .errors import InputTooLargeError, QueueFullError, UnavailableError
 from .metrics import Metrics
 
@@ -76,6 +79,7 @@ class Batcher:
         max_queue_tokens: int,
         max_wait_s: float = 0.002,
         metrics: Metrics | None = None,
+        max_in_flight: int = 2,
     ) -> None:
         self._engine = engine
         self._max_batch_tokens = max_batch_tokens
@@ -87,6 +91,9 @@ class Batcher:
         self._room_freed = asyncio.Event()
         self._work = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._fetch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch")
+        self._launch_slots = asyncio.Semaphore(max_in_flight)  # batches launched whose vectors are not back
+        self._finishing: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -96,6 +103,11 @@ class Batcher:
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def warmup(self) -> None:
+        """Warm the engine up (compiling its bucket shapes, if any) in the thread that will run the model:
+        CUDA graphs are recorded per thread."""
+        await asyncio.get_running_loop().run_in_executor(self._model_thread, self._engine.warmup)
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, stop the worker."""
@@ -108,6 +120,7 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         self._model_thread.shutdown(wait=True)
+        self._fetch_thread.shutdown(wait=True)
 
     async def embed(self, rows: Sequence[Sequence[int]], *, wait: bool) -> np.ndarray:
         """Unit vectors (len(rows), full dims), in order. Raises QueueFullError if full and not `wait`."""
@@ -157,19 +170,22 @@ class Batcher:
             round_items = [item for item in round_items if not item.future.done()]
             if not round_items:
                 continue
-            for batch_indices in plan_batches([item.tokens for item in round_items], self._max_batch_tokens):
+            for batch_indices in self._engine.plan([item.tokens for item in round_items], self._max_batch_tokens):
                 batch = [round_items[i] for i in batch_indices if not round_items[i].future.done()]
                 if batch:
                     await self._run_batch(loop, batch)
             self._update_gauges()
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        """Run one forward pass. Out of memory: halve the batch and retry each half; a single row that
-        still does not fit fails alone (RESOURCE_EXHAUSTED), and every other row gets its vector."""
+        """Launch one forward pass; its vectors are delivered once back, while the next batch launches.
+        Out of memory: halve the batch and retry each half; a single row that still does not fit fails
+        alone (RESOURCE_EXHAUSTED), and every other row gets its vector."""
         started = time.monotonic()
+        await self._launch_slots.acquire()
         try:
-            vectors = await loop.run_in_executor(self._model_thread, self._engine.forward, [i.ids for i in batch])
+            pending = await loop.run_in_executor(self._model_thread, self._launch, [i.ids for i in batch])
         except Exception as error:  # the batch fails, the server does not
+            self._launch_slots.release()
             if is_out_of_memory(error):
                 free_accelerator_memory()
                 if len(batch) > 1:
@@ -181,18 +197,53 @@ class Batcher:
                 error = InputTooLargeError(f"a text of {batch[0].tokens} tokens does not fit in accelerator memory")
             else:
                 log.exception("forward pass failed for a batch of %d", len(batch))
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            self._fail(batch, error)
             return
+        if pending.ready:
+            self._deliver(batch, pending.wait(), started)
+            self._launch_slots.release()
+            return
+        task = loop.create_task(self._finish(loop, batch, pending, started))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    def _launch(self, rows: list[Sequence[int]]) -> PendingVectors:
+        """In the model thread: the eager reference `forward` without buckets, else a bucketed launch."""
+        if self._engine.buckets is None:
+            return PendingVectors.of(self._engine.forward(rows))
+        return self._engine.launch(rows)
+
+    async def _finish(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Item], pending: PendingVectors, started: float
+    ) -> None:
+        try:
+            vectors = await loop.run_in_executor(self._fetch_thread, pending.wait)
+        except Exception as error:
+            log.exception("forward pass failed for a batch of %d", len(batch))
+            self._fail(batch, error)
+        else:
+            self._deliver(batch, vectors, started)
+        finally:
+            self._launch_slots.release()
+
+    @staticmethod
+    def _fail(batch: list[_Item], error: BaseException) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _deliver(self, batch: list[_Item], vectors: np.ndarray, started: float) -> None:
         for item, vector in zip(batch, vectors, strict=True):
             if not item.future.done():
                 item.future.set_result(vector)
         if self._metrics:
+            longest = max(item.tokens for item in batch)
+            buckets = self._engine.buckets
+            rows, length = buckets.shape_for(len(batch), longest) if buckets else (len(batch), longest)
             self._metrics.observe_batch(
                 rows=len(batch),
                 real_tokens=sum(item.tokens for item in batch),
-                padded_tokens=len(batch) * max(item.tokens for item in batch),
+                padded_tokens=rows * length,
                 seconds=time.monotonic() - started,
             )
 

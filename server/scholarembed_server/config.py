@@ -36,6 +36,17 @@ class ServerConfig:
     max_message_bytes: int = _opt(32 * 1024 * 1024, "largest gRPC message accepted or sent")
     stream_window: int = _opt(8, "requests of one EmbedStream processed at once; the rest wait in flow control")
     tokenizer_threads: int = _opt(2, "threads that tokenize, overlapping the forward pass")
+    compile: str = _opt("auto", "torch.compile the bucket shapes at start-up: auto (on with CUDA), on or off")
+    compile_mode: str = _opt("default", "torch.compile mode of the larger shapes, e.g. max-autotune-no-cudagraphs")
+    cuda_graph_max_tokens: int = _opt(16384, "compiled shapes up to this many padded tokens replay CUDA graphs")
+    compile_cache_dir: str = _opt(
+        "~/.cache/scholarembed/inductor", "persistent compile cache (inductor, Triton): restarts load, not compile"
+    )
+    buckets: str = _opt(
+        "auto", "static batch shapes: auto (on when compiling), on, off, or bucket lengths, e.g. 64,128,256,512"
+    )
+    tail: str = _opt("smaller", "a batch short of its bucket's rows: smaller (row ladder) or pad (full rows)")
+    bucket_row_step: int = _opt(4, "row ladder of a bucket below its full row count: 1, step, step^2, ...")
     data_dir: str | None = _opt(None, "folder for the embedded passage index (FAISS + SQLite); enables SearchService")
     index_uri: str | None = _opt(
         None, "Milvus URI (http://host:19530, or a milvus-lite .db file) instead of --data-dir"

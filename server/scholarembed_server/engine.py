@@ -7,11 +7,14 @@ Matryoshka truncate -> re-normalise. There is no second copy of any of these ste
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buckets import LengthBuckets
 from .errors import InvalidArgumentError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,44 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     if current:
         batches.append(current)
     return batches
+
+
+class PendingVectors:
+    """The vectors of a launched batch. On CUDA they are still being computed and copied to pinned host
+    memory when `launch` returns; `wait()` blocks until they are there. Elsewhere they are ready."""
+
+    def __init__(self, host: torch.Tensor, rows: int, done: Any = None) -> None:
+        self._host = host  # (padded rows, dims) float32 on the host
+        self._rows = rows  # real rows: dummy rows beyond them are dropped
+        self._done = done  # a torch.cuda.Event recorded after the copy, or None
+
+    @classmethod
+    def of(cls, vectors: np.ndarray) -> PendingVectors:
+        """Vectors already computed."""
+        return cls(torch.from_numpy(vectors), len(vectors))
+
+    @property
+    def ready(self) -> bool:
+        return self._done is None or bool(self._done.query())
+
+    def wait(self) -> np.ndarray:
+        """(rows, full dims) float32 unit vectors, one per real row, in order."""
+        if self._done is not None:
+            self._done.synchronize()
+        # A copy, so the pinned block goes back to its pool instead of living on in the results.
+        return self._host[: self._rows].numpy().copy()
+
+
+def use_compile_cache(folder: str | Path) -> Path:
+    """Keep inductor's and Triton's compiled kernels in `folder` (created), so a restart loads instead of
+    compiling. Triton's cache lives under inductor's unless TRITON_CACHE_DIR says otherwise."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
 
 
 class _Dense(nn.Module):
@@ -214,6 +256,13 @@ class EmbeddingEngine:
     matryoshka_dims: tuple[int, ...]
     dense: nn.Sequential = field(default_factory=nn.Sequential)
     pooling: str = "mean"
+    # Static bucket shapes (see `with_buckets`); None runs every batch eagerly at its own shape.
+    buckets: LengthBuckets | None = None
+    compile_mode: str | None = None  # torch.compile mode for the bucket shapes; None: eager
+    cuda_graph_max_tokens: int = 0  # shapes up to this many padded tokens replay CUDA graphs (CUDA only)
+    compile_seconds: float = field(default=0.0, init=False)
+    _compiled: dict[bool, Callable[..., torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _copy_stream: Any = field(default=None, init=False, repr=False)
 
     @property
     def dimensions(self) -> int:
@@ -340,21 +389,122 @@ class EmbeddingEngine:
     def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed a ready batch of token-id rows: (n, full dims) float32 unit vectors, one per row, in order.
 
-        Rows are right-padded; padding never changes a vector because pooling ignores masked positions
-        and every position's attention is masked to real tokens.
+        The eager reference: the batch runs at its own shape. Rows are right-padded; padding never
+        changes a vector because pooling ignores masked positions and every position's attention is
+        masked to real tokens.
         """
-        longest = max(len(row) for row in batch)
-        input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row_index, row in enumerate(batch):
-            input_ids[row_index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            attention_mask[row_index, : len(row)] = 1
+        input_ids, attention_mask = self._padded(batch, len(batch), max(len(row) for row in batch))
         input_ids = input_ids.to(self.device, non_blocking=True)
         attention_mask = attention_mask.to(self.device, non_blocking=True)
+        return self._embed(input_ids, attention_mask).cpu().numpy()
+
+    def with_buckets(
+        self, buckets: LengthBuckets, *, compile_mode: str | None = None, cuda_graph_max_tokens: int = 0
+    ) -> EmbeddingEngine:
+        """A copy sharing this model and tokenizer that runs every batch in a static bucket shape,
+        compiled with torch.compile(mode=compile_mode) unless that is None. `warmup` compiles them all."""
+        return dataclasses.replace(
+            self, buckets=buckets, compile_mode=compile_mode, cuda_graph_max_tokens=cuda_graph_max_tokens
+        )
+
+    def plan(self, lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+        """Row indices grouped into batches: by bucket (with the buckets' own budget) when buckets are on,
+        else by `plan_batches`. Every index appears exactly once."""
+        if self.buckets is not None:
+            return self.buckets.plan(lengths)
+        return plan_batches(lengths, max_batch_tokens)
+
+    @torch.inference_mode()
+    def launch(self, batch: Sequence[Sequence[int]]) -> PendingVectors:
+        """Start embedding a batch; `.wait()` on the result gives what `forward(batch)` gives.
+
+        With buckets, the batch is padded to its bucket shape (dummy rows hold one pad token and are
+        dropped). On CUDA this returns once the work is queued: inputs go up from pinned memory on a
+        side stream, the vectors come back to pinned memory asynchronously, so the caller can prepare
+        the next batch while the GPU runs this one.
+        """
+        longest = max(len(row) for row in batch)
+        if self.buckets is None or longest > self.buckets.lengths[-1]:
+            return PendingVectors.of(self.forward(batch))
+        rows, length = self.buckets.shape_for(len(batch), longest)
+        pinned = self.device.type == "cuda"
+        input_ids, attention_mask = self._padded(batch, rows, length, pin_memory=pinned)
+        attention_mask[len(batch) :, 0] = 1  # dummy rows: one pad token each, so no row is fully masked
+        input_ids, attention_mask = self._to_device(input_ids, attention_mask)
+        vectors = self._bucket_function(rows * length)(input_ids, attention_mask)
+        if not pinned:
+            return PendingVectors(vectors.cpu(), len(batch))
+        host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+        host.copy_(vectors, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingVectors(host, len(batch), done)
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Padded ids and mask on the device -> unit vectors on the device: the one forward, pool, Dense
+        and normalise, for the eager and the compiled path alike."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = self._pool(hidden.float(), attention_mask.bool())
         pooled = self.dense(pooled)
-        return F.normalize(pooled, p=2, dim=-1).cpu().numpy()
+        return F.normalize(pooled, p=2, dim=-1)
+
+    def _embed_graphed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The same computation under its own code object, so its CUDA-graph compilations keep a dynamo
+        # cache of their own instead of sharing (and crowding) `_embed`'s.
+        return self._embed(input_ids, attention_mask)
+
+    def _bucket_function(self, padded_tokens: int) -> Callable[..., torch.Tensor]:
+        """`_embed`, compiled for static shapes when compile_mode is set; small shapes on CUDA replay
+        CUDA graphs (launch overhead dominates them)."""
+        if self.compile_mode is None:
+            return self._embed
+        graphed = self.device.type == "cuda" and padded_tokens <= self.cuda_graph_max_tokens
+        if graphed not in self._compiled:
+            import torch._dynamo.config as dynamo_config
+
+            # One compilation per static shape; the default limit (8) would fall back to eager silently.
+            shapes = len(self.buckets.shapes()) if self.buckets else 0
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * shapes + 8)
+            dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * shapes + 64)
+            function = self._embed_graphed if graphed else self._embed
+            mode = "reduce-overhead" if graphed else self.compile_mode
+            self._compiled[graphed] = torch.compile(function, mode=mode, dynamic=False)
+        compiled = self._compiled[graphed]
+        if not graphed:
+            return compiled
+
+        def replay(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            # Each call is a new step: the previous replay's output has already been copied out.
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(input_ids, attention_mask)
+
+        return replay
+
+    def _padded(
+        self, batch: Sequence[Sequence[int]], rows: int, length: int, *, pin_memory: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, length) ids and mask on the host, right-padded; rows beyond the batch are all padding."""
+        input_ids = torch.full((rows, length), self._pad_id, dtype=torch.long, pin_memory=pin_memory)
+        attention_mask = torch.zeros((rows, length), dtype=torch.long, pin_memory=pin_memory)
+        for row_index, row in enumerate(batch):
+            input_ids[row_index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            attention_mask[row_index, : len(row)] = 1
+        return input_ids, attention_mask
+
+    def _to_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Host -> device; on CUDA from pinned memory on a side stream that the compute stream waits for."""
+        if self.device.type != "cuda":
+            return tuple(tensor.to(self.device) for tensor in tensors)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)  # the copy may reuse memory the compute stream just freed
+        with torch.cuda.stream(self._copy_stream):
+            moved = tuple(tensor.to(self.device, non_blocking=True) for tensor in tensors)
+        compute.wait_stream(self._copy_stream)
+        for tensor in moved:
+            tensor.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        return moved
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -385,11 +535,17 @@ class EmbeddingEngine:
         )
 
     def forward_planned(self, rows: Sequence[Sequence[int]], max_batch_tokens: int = 16384) -> np.ndarray:
-        """Embed any number of token-id rows in length-sorted token-budget batches (see `plan_batches`):
+        """Embed any number of token-id rows in length-sorted token-budget batches (see `plan`):
         (n, full dims) float32 unit vectors, one per row, in order."""
         vectors = np.empty((len(rows), self.dimensions), dtype=np.float32)
-        for batch in plan_batches([len(row) for row in rows], max_batch_tokens):
-            vectors[batch] = self.forward([rows[i] for i in batch])
+        in_flight: deque[tuple[list[int], PendingVectors]] = deque()
+        for batch in self.plan([len(row) for row in rows], max_batch_tokens):
+            in_flight.append((batch, self.launch([rows[i] for i in batch])))
+            if len(in_flight) > 1:  # one batch queued behind the running one keeps the GPU busy
+                done, pending = in_flight.popleft()
+                vectors[done] = pending.wait()
+        for done, pending in in_flight:
+            vectors[done] = pending.wait()
         return vectors
 
     def check_dimensions(self, dimensions: int) -> int:
@@ -403,10 +559,28 @@ class EmbeddingEngine:
         return dimensions
 
     def warmup(self) -> None:
-        """Run the shortest and the longest input once, so the first request pays no allocation cost."""
+        """Run the shortest and the longest input once, so the first request pays no allocation cost.
+
+        With buckets, run every bucket shape once: this is when they are compiled (or loaded from the
+        compile cache), so no request ever waits for a compilation. `compile_seconds` says how long it took.
+        """
         short = self.tokenize(["warmup"])[0].ids
         self.forward([short])
         self.forward([(short * self.max_tokens)[: self.max_tokens]])
+        if self.buckets is None:
+            return
+        started = time.perf_counter()
+        for rows, length in self.buckets.shapes():
+            shape_started = time.perf_counter()
+            self.launch([(short * length)[:length]] * rows).wait()
+            log.debug("bucket %d x %d ready in %.1fs", rows, length, time.perf_counter() - shape_started)
+        self.compile_seconds = time.perf_counter() - started
+        log.info(
+            "%d bucket shapes ready in %.1fs (%s)",
+            len(self.buckets.shapes()),
+            self.compile_seconds,
+            f"torch.compile mode {self.compile_mode}" if self.compile_mode else "eager",
+        )
 
     @property
     def dtype_name(self) -> str:
