@@ -75,10 +75,10 @@ def test_plan_covers_every_row_once_in_one_bucket_per_batch(lengths: list[int], 
         assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
         rows, shape_length = buckets.shape_for(len(batch), max(lengths[i] for i in batch))
         assert rows >= len(batch) and shape_length == length
-    # Only the last batch of each bucket may be short of its full rows.
+    # Only the last batch of each bucket may be short of a shape it runs in.
     for earlier, later, length in zip(batches, batches[1:], bucket_of, strict=False):
         if buckets.length_for(max(lengths[i] for i in later)) == length:
-            assert len(earlier) == buckets.full_rows(length)
+            assert len(earlier) in buckets.row_ladder(length)
     if lengths:
         assert buckets.padded_tokens(lengths) >= sum(lengths)
 
@@ -86,6 +86,13 @@ def test_plan_covers_every_row_once_in_one_bucket_per_batch(lengths: list[int], 
 def test_smaller_tails_compute_fewer_padded_tokens_than_padding_up() -> None:
     lengths = list(np.random.default_rng(0).integers(3, 128, size=101))
     assert tiny_buckets(Tail.SMALLER).padded_tokens(lengths) < tiny_buckets(Tail.PAD).padded_tokens(lengths)
+
+
+def test_a_tail_is_split_along_the_row_ladder_until_padding_wastes_little() -> None:
+    buckets = LengthBuckets.create("64", max_tokens=128, max_batch_tokens=64 * 256)  # ladder 1, 4, 16, 64, 256
+    sizes = [len(batch) for batch in buckets.plan([50] * (256 + 100))]
+    assert sizes == [256, 64, 16, 16, 4]
+    assert [len(batch) for batch in buckets.plan([50] * 13)] == [13]  # 13 of 16: padded up
 
 
 @pytest.mark.parametrize("tail", list(Tail))

@@ -9,7 +9,8 @@ A batch of token rows is padded to a shape (rows, length) taken from this set:
 A batch with fewer rows than its bucket holds (the tail of a length group, or a lone query) is either
 padded up to the full row count (`Tail.PAD`: one shape per length, fewer compilations) or runs in the
 smallest shape of a row ladder that fits it (`Tail.SMALLER`: rows 1, 4, 16, ... below the full count,
-more compilations, far less padding for lone queries). Dummy rows are all padding and are dropped
+more compilations, far less padding for lone queries and tails, which `plan` splits along the
+ladder). Dummy rows are all padding and are dropped
 from the result; they never reach a caller.
 """
 
@@ -99,21 +100,33 @@ class LengthBuckets:
         """Group row indices into batches of one bucket length each, at most its full row count.
 
         Every index appears exactly once. Longest bucket first (as `plan_batches`); within a bucket,
-        rows keep the length-sorted order, longest first, so results are deterministic.
+        rows keep the length-sorted order, longest first, so results are deterministic. Under
+        Tail.SMALLER the rows left after the full batches are split along the row ladder (a tail of 100
+        with ladder 1, 4, 16, 64, 256 runs as 64 + 16 + 16 + 4) until padding the rest up wastes at
+        most a quarter of its shape.
         """
         order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-        batches: list[list[int]] = []
-        current: list[int] = []
-        current_length = 0
+        groups: list[list[int]] = []
+        group_length = 0
         for index in order:
             length = self.length_for(lengths[index])
-            if current and (length != current_length or len(current) == self.full_rows(current_length)):
-                batches.append(current)
-                current = []
-            current.append(index)
-            current_length = length
-        if current:
-            batches.append(current)
+            if not groups or length != group_length:
+                groups.append([])
+                group_length = length
+            groups[-1].append(index)
+        batches: list[list[int]] = []
+        for group in groups:
+            ladder = self.row_ladder(self.length_for(lengths[group[0]]))
+            start = 0
+            while start < len(group):
+                remaining = len(group) - start
+                size = min(remaining, ladder[-1])
+                if self.tail is Tail.SMALLER and size < ladder[-1]:
+                    padded_up = ladder[bisect.bisect_left(ladder, size)]
+                    if size < 0.75 * padded_up:
+                        size = ladder[bisect.bisect_right(ladder, size) - 1]  # a smaller shape, filled
+                batches.append(group[start : start + size])
+                start += size
         return batches
 
     def padded_tokens(self, lengths: Sequence[int]) -> int:
