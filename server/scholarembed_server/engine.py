@@ -402,10 +402,14 @@ class EmbeddingEngine:
         self, buckets: LengthBuckets, *, compile_mode: str | None = None, cuda_graph_max_tokens: int = 0
     ) -> EmbeddingEngine:
         """A copy sharing this model and tokenizer that runs every batch in a static bucket shape,
-        compiled with torch.compile(mode=compile_mode) unless that is None. `warmup` compiles them all."""
-        return dataclasses.replace(
+        compiled with torch.compile(mode=compile_mode) unless that is None. `warmup` compiles them all;
+        a copy with the same compile settings shares this engine's compilations (a shape compiles once)."""
+        copy = dataclasses.replace(
             self, buckets=buckets, compile_mode=compile_mode, cuda_graph_max_tokens=cuda_graph_max_tokens
         )
+        if (compile_mode, cuda_graph_max_tokens) == (self.compile_mode, self.cuda_graph_max_tokens):
+            copy._compiled = self._compiled
+        return copy
 
     def plan(self, lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
         """Row indices grouped into batches: by bucket (with the buckets' own budget) when buckets are on,
