@@ -21,7 +21,7 @@ MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-search-1m clean ts-example
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ ts-example: install ## build the TypeScript example client and run it against a 
 bench: install ## CPU benchmarks: embedding throughput vs baselines, and exact vs approximate search
 	$(PY) -m bench.throughput --cpu
 	$(PY) -m bench.search --sizes 100000
+
+bench-gpu: install ## GPU benchmark: random-weight EmbeddingGemma-300m, buckets + compile vs eager (install with a CUDA TORCH_SPEC)
+	$(PY) -m bench.throughput --arch embeddinggemma-300m --random-weights
 
 bench-search-1m: install ## search benchmark at 100k and 1M passages (~30 min on 2 cores, ~10 GB disk)
 	$(PY) -m bench.search --sizes 100000,1000000
