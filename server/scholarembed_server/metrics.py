@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from . import logs
+from .index.base import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,16 @@ class Metrics:
             registry=self.registry,
         )
         self.texts = Counter("scholarembed_embedded_texts", "Texts embedded.", registry=self.registry)
-        self.index_passages = Gauge(
-            "scholarembed_index_passages", "Passages stored per collection.", ["collection"], registry=self.registry
-        )
         self.forward_seconds = Histogram(
             "scholarembed_forward_duration_seconds",
             "Time of one forward pass.",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+    def watch_index(self, index: VectorIndex) -> None:
+        """Report passages per collection, read from the store at scrape time (nothing on the write path)."""
+        self.registry.register(_IndexSizeCollector(index))
 
     def observe_batch(self, *, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
@@ -101,6 +105,19 @@ class Metrics:
         """Expose /metrics on its own port (0 picks a free one); returns the bound port."""
         http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(http_server.server_port)
+
+
+class _IndexSizeCollector(Collector):
+    def __init__(self, index: VectorIndex) -> None:
+        self._index = index
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "scholarembed_index_passages", "Passages stored per collection.", labels=["collection"]
+        )
+        for info in self._index.list_collections():
+            family.add_metric([info.name], info.passage_count)
+        yield family
 
 
 @dataclass

@@ -8,7 +8,6 @@ each response is sent only after its request's commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +85,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._index = index
         self._config = config
         self._metrics = metrics
-        for info in index.list_collections():
-            metrics.index_passages.labels(info.name).set(info.passage_count)
+        metrics.watch_index(index)
         # One writer thread: commits are serialised anyway, and searches must not wait behind them.
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="index-write")
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="index-read")
@@ -153,17 +151,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             )
         )
         self._check_compatible(info)
-        upserted = await self._write(self._index.upsert, name, passages, vectors)
-        await self._update_size_gauge(name)
-        return upserted
-
-    async def _update_size_gauge(self, name: str, deleted: bool = False) -> None:
-        if deleted:
-            with contextlib.suppress(KeyError):  # never labelled: nothing to remove
-                self._metrics.index_passages.remove(name)
-        else:
-            info = await self._read(self._index.get_collection, name)
-            self._metrics.index_passages.labels(name).set(info.passage_count)
+        return await self._write(self._index.upsert, name, passages, vectors)
 
     def _check_compatible(self, info: CollectionInfo) -> None:
         if info.dimensions != self._engine.dimensions or info.model != self._engine.model_id:
@@ -250,9 +238,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             name = check_collection_name(request.collection)
             if not request.ids:
                 raise InvalidArgumentError("ids", "must contain at least one id")
-            deleted = await self._write(self._index.delete, name, list(request.ids))
-            await self._update_size_gauge(name)
-            return pb.DeletePassagesResponse(deleted=deleted)
+            return pb.DeletePassagesResponse(deleted=await self._write(self._index.delete, name, list(request.ids)))
 
         return await self._unary("DeletePassages", context, run())
 
@@ -295,9 +281,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     ) -> pb.DeleteCollectionResponse:
         async def run() -> pb.DeleteCollectionResponse:
             name = check_collection_name(request.name, "name")
-            deleted = await self._write(self._index.delete_collection, name)
-            await self._update_size_gauge(name, deleted=True)
-            return pb.DeleteCollectionResponse(deleted_passages=deleted)
+            return pb.DeleteCollectionResponse(deleted_passages=await self._write(self._index.delete_collection, name))
 
         return await self._unary("DeleteCollection", context, run())
 
