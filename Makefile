@@ -81,7 +81,7 @@ serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.
 	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
 
 triton: install ## serve MODEL with the bundled Triton Inference Server, no Docker (gRPC on 127.0.0.1:8001)
-	$(PY) -m scholarembed_server.triton_server --model $(MODEL)
+	$(PY) -m scholarembed_server.triton --model $(MODEL)
 
 ts-example: install ## build the TypeScript example client and run it against a tiny-model server
 	$(PY) -m pytest tests/test_typescript_client.py $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The gRPC server: wiring of engine, batcher, servicers, health, reflection and metrics; and its lifecycle.
+"""The server process: one engine, batcher and index, the doors over them (gRPC, with health, reflection and
+metrics), and their lifecycle.
 
 Lifecycle: bind -> health NOT_SERVING -> warm the model up -> SERVING. On SIGTERM (or stop()):
 health NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get `grace_s` to finish, then the
@@ -23,12 +24,14 @@ from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, searc
 from .batcher import Batcher
 from .buckets import LengthBuckets, Tail
 from .config import ServerConfig
+from .embedder import TextEmbedder
 from .engine import EmbeddingEngine, use_compile_cache
+from .grpc.embedding import EmbeddingServicer
+from .grpc.search import SearchServicer
 from .index import open_index
 from .metrics import Metrics
-from .search_servicer import SearchServicer
+from .searcher import Searcher
 from .security import BearerTokenInterceptor, server_credentials
-from .servicer import EmbeddingServicer, TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +109,19 @@ class EmbeddingServer:
             max_wait_s=config.max_wait_ms / 1000,
             metrics=self.metrics,
         )
-        self.embedder = TextEmbedder(engine, self.batcher, config.tokenizer_threads, config.max_tokens_per_request)
+        self.embedder = TextEmbedder(engine, self.batcher, config)
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(self.embedder, config, self.metrics), self.server
         )
         self.services = [EMBEDDING_SERVICE]
         self.index = open_index(config, engine.device, engine.matryoshka_dims)
-        self.search: SearchServicer | None = None
+        self.searcher: Searcher | None = None
         if self.index is not None:
-            self.search = SearchServicer(self.embedder, self.index, config, self.metrics)
-            search_pb2_grpc.add_SearchServiceServicer_to_server(self.search, self.server)
+            self.searcher = Searcher(self.embedder, self.index, config)
+            self.metrics.watch_index(self.index)
+            search_pb2_grpc.add_SearchServiceServicer_to_server(
+                SearchServicer(self.searcher, config, self.metrics), self.server
+            )
             self.services.append(SEARCH_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -159,8 +165,8 @@ class EmbeddingServer:
         await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.batcher.close()
         self.embedder.close()
-        if self.search is not None:
-            self.search.close()
+        if self.searcher is not None:
+            self.searcher.close()
         if self.index is not None:
             self.index.close()  # flushed and closed cleanly: nothing to repair on the next start
         log.info("stopped")

@@ -50,3 +50,10 @@ class ModelLoadError(ScholarEmbedError):
     """The model could not be found or loaded; raised at startup, never per request."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FailedPreconditionError(ScholarEmbedError):
+    """The request is valid but the system is not in a state to run it, e.g. a collection written by
+    another model or at another dimension."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

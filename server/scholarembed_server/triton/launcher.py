@@ -1,6 +1,6 @@
 """Run Triton Inference Server on model_repository/ without Docker, from the nvidia-pytriton wheel.
 
-    python -m scholarembed_server.triton_server --model /path/to/model --kind cpu
+    python -m scholarembed_server.triton --model /path/to/model --kind cpu
 
 The wheel bundles a tritonserver 2.51 binary, the Python backend and backend stubs for Python 3.8
 to 3.13; it is installed with --no-deps and never imported. Running that binary outside NVIDIA's
@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import IO
 
 MODEL_NAME = "scholarembed"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_CACHE = ROOT / ".cache" / "triton"
 STUB_NUMPY = "numpy>=1.26,<2"
@@ -331,9 +331,7 @@ def start(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scholarembed_server.triton_server", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m scholarembed_server.triton", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="hub id or folder (default: config.pbtxt's, or $SCHOLAREMBED_MODEL)")
     parser.add_argument("--matryoshka-dims", help="e.g. 768,512,256,128 (default: the model's)")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: config.pbtxt's)")
@@ -385,7 +383,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return server.stop()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

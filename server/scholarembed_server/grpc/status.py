@@ -1,0 +1,43 @@
+"""Domain errors to gRPC statuses, in one place: `to_rpc_status`, with google.rpc.BadRequest naming the
+field and google.rpc.RetryInfo on a full queue (unary calls: in the trailers; streams: in-band)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..errors import InvalidArgumentError, QueueFullError, ScholarEmbedError
+
+log = logging.getLogger(__name__)
+
+
+def to_rpc_status(error: BaseException) -> status_pb2.Status:
+    """The one mapping from exceptions to google.rpc.Status."""
+    if not isinstance(error, ScholarEmbedError):
+        log.error("unexpected error", exc_info=error)
+        return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(error).__name__}")
+    status = status_pb2.Status(code=error.code.value[0], message=str(error))
+    if isinstance(error, InvalidArgumentError):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        detail = error_details_pb2.BadRequest(field_violations=[violation])
+        status.details.add().Pack(detail)
+    elif isinstance(error, QueueFullError):
+        seconds = int(error.retry_after_s)
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((error.retry_after_s - seconds) * 1e9))
+        )
+        status.details.add().Pack(retry)
+    return status
+
+
+def status_code(error: BaseException) -> grpc.StatusCode:
+    return error.code if isinstance(error, ScholarEmbedError) else grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    status = rpc_status.to_status(to_rpc_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
