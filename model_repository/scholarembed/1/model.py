@@ -1,7 +1,8 @@
 """Triton Python backend model: a thin door to scholarembed's EmbeddingEngine.
 
-`execute` validates every request, then groups the valid ones by (input type, dimensions): each group
-is prompted and tokenized by the engine in one call, the token rows of all groups go through one
+`execute` validates every request with the validation every door shares (`validate_embed_request`,
+which also applies the prompts), then groups the valid ones by dimensions: each group is tokenized by
+the engine in one call, the token rows of all groups go through one
 forward pass (`EmbeddingEngine.forward_planned`, split only by the token budget), and each group's
 vectors are cut to its Matryoshka size. Prompting, pooling, normalising and truncation are the
 engine's; nothing here repeats them.
@@ -23,22 +24,28 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from scholarembed_server.engine import EmbeddingEngine, InputType, matryoshka
+from scholarembed.v1 import embedding_pb2
+from scholarembed_server.config import ServerConfig
+from scholarembed_server.embedder import validate_embed_request
+from scholarembed_server.engine import EmbeddingEngine, matryoshka
 from scholarembed_server.errors import InvalidArgumentError
 
 ENV_PREFIX = "SCHOLAREMBED_"
 OUTPUT = "EMBEDDING"
-INPUT_TYPES = {input_type.value: input_type for input_type in InputType}
+INPUT_TYPES = {
+    "query": embedding_pb2.INPUT_TYPE_QUERY,
+    "passage": embedding_pb2.INPUT_TYPE_PASSAGE,
+    "raw": embedding_pb2.INPUT_TYPE_RAW,
+}
+MAX_TEXTS_PER_REQUEST = ServerConfig.max_texts_per_request  # the gRPC server's default limit
 
 
 @dataclass
 class Job:
-    """A validated request: its texts, one title per text (passages) or None, and its output size."""
+    """A validated request: its prompted texts and its output size."""
 
     index: int
-    texts: list[str]
-    titles: list[str] | None
-    input_type: InputType
+    prompted_texts: list[str]
     dimensions: int
 
 
@@ -48,7 +55,8 @@ def setting(parameters: dict[str, Any], key: str) -> str:
 
 
 def parse_request(index: int, request: Any, engine: EmbeddingEngine) -> Job:
-    """Check the texts and the request parameters; raise InvalidArgumentError naming the first bad one."""
+    """Turn a Triton request into an EmbedRequest and validate it as every door does (`validate_embed_request`):
+    only what is Triton's own, the UTF-8 tensor and the JSON parameters, is checked here."""
     try:
         parameters = json.loads(request.parameters() or "{}")
     except json.JSONDecodeError as error:
@@ -56,19 +64,10 @@ def parse_request(index: int, request: Any, engine: EmbeddingEngine) -> Job:
     texts = []
     for row, value in enumerate(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)):
         try:
-            text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
         except UnicodeDecodeError:
             raise InvalidArgumentError(f"TEXT[{row}]", "must be UTF-8") from None
-        if not text.strip():
-            raise InvalidArgumentError(f"TEXT[{row}]", "must not be empty or whitespace only")
-        texts.append(text)
-
     requested_type = parameters.get("input_type")
-    input_type = INPUT_TYPES.get(requested_type) if isinstance(requested_type, str) else None
-    if input_type is None:
-        raise InvalidArgumentError(
-            "input_type", "must be query, passage or raw; the model is asymmetric, so there is no default"
-        )
     dimensions = parameters.get("dimensions", 0)
     if isinstance(dimensions, str) and dimensions.strip().isdigit():
         dimensions = int(dimensions)
@@ -77,15 +76,26 @@ def parse_request(index: int, request: Any, engine: EmbeddingEngine) -> Job:
     title = parameters.get("title")
     if title is not None and not isinstance(title, str):
         raise InvalidArgumentError("title", f"must be a string, got {title!r}")
-    if title and input_type is not InputType.PASSAGE:
-        raise InvalidArgumentError("title", "a title is only allowed with input_type passage")
-    return Job(
-        index=index,
+    embed_request = embedding_pb2.EmbedRequest(
         texts=texts,
-        titles=[title or ""] * len(texts) if input_type is InputType.PASSAGE else None,
-        input_type=input_type,
-        dimensions=engine.check_dimensions(dimensions),
+        input_type=INPUT_TYPES.get(requested_type, embedding_pb2.INPUT_TYPE_UNSPECIFIED)
+        if isinstance(requested_type, str)
+        else embedding_pb2.INPUT_TYPE_UNSPECIFIED,
+        titles=[title] * len(texts) if title else [],
+        dimensions=dimensions,
     )
+    try:
+        job = validate_embed_request(embed_request, engine, MAX_TEXTS_PER_REQUEST)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(triton_field(error.field), error.description) from None
+    return Job(index=index, prompted_texts=job.prompted_texts, dimensions=job.dimensions)
+
+
+def triton_field(field: str) -> str:
+    """An EmbedRequest field in this model's own words: texts[i] is row i of TEXT, titles is the title parameter."""
+    if field.startswith("texts"):
+        return "TEXT" + field.removeprefix("texts")
+    return {"titles": "title"}.get(field, field)
 
 
 def error_response(error: BaseException) -> Any:
@@ -134,22 +144,20 @@ class TritonPythonModel:
         return responses
 
     def _execute(self, requests: list[Any], responses: list[Any]) -> None:
-        groups: defaultdict[tuple[InputType, int], list[Job]] = defaultdict(list)
+        groups: defaultdict[int, list[Job]] = defaultdict(list)  # by output dimensions
         for index, request in enumerate(requests):
             try:
                 job = parse_request(index, request, self.engine)
             except Exception as error:
                 responses[index] = error_response(error)
                 continue
-            groups[(job.input_type, job.dimensions)].append(job)
+            groups[job.dimensions].append(job)
 
-        # Prompt and tokenize per group; then one forward pass over the rows of every group.
+        # Tokenize per group; then one forward pass over the rows of every group.
         tokenized_groups: list[tuple[list[Job], list[list[int]]]] = []
-        for (input_type, _), jobs in groups.items():
+        for jobs in groups.values():
             try:
-                texts = [text for job in jobs for text in job.texts]
-                titles = [title for job in jobs for title in job.titles] if input_type is InputType.PASSAGE else None
-                tokenized = self.engine.tokenize(self.engine.prompts.apply(texts, input_type, titles))
+                tokenized = self.engine.tokenize([text for job in jobs for text in job.prompted_texts])
                 tokenized_groups.append((jobs, [t.ids for t in tokenized]))
             except Exception as error:
                 for job in jobs:
@@ -166,6 +174,7 @@ class TritonPythonModel:
             start += len(rows)
             offset = 0
             for job in jobs:
-                job_vectors = np.ascontiguousarray(group_vectors[offset : offset + len(job.texts)], dtype=np.float32)
-                offset += len(job.texts)
+                count = len(job.prompted_texts)
+                job_vectors = np.ascontiguousarray(group_vectors[offset : offset + count], dtype=np.float32)
+                offset += count
                 responses[job.index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, job_vectors)])
