@@ -161,3 +161,36 @@ def in_process_server(tiny_engine: Any) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+def wait_for(condition: Any, timeout: float = 60.0, message: str = "condition not met") -> None:
+    """Wait until `condition()` is true, checking every 20 ms; fail with `message` after `timeout` seconds.
+    For states the test cannot be told about directly; the deadline is generous, never a speed claim."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} (after {timeout}s)")
+        time.sleep(0.02)
+
+
+def scrape_metric(address: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample from a Prometheus /metrics endpoint ("host:port"); 0 if the series does not exist yet."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=30).read().decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+                return float(sample.value)
+    return 0.0
+
+
+def metrics_address(server: ServerProcess) -> str:
+    """The metrics endpoint of a server started with --metrics-port 0, from its start-up log line."""
+    import re
+
+    match = re.search(r"metrics port (\d+)", server.output())
+    assert match, "the server was not started with --metrics-port"
+    return f"127.0.0.1:{match.group(1)}"
