@@ -103,12 +103,16 @@ def configured_server(tmp_path_factory, tiny_model_dir):
         "SCHOLAREMBED_LOG_FORMAT": "json",
         "SCHOLAREMBED_MAX_TEXTS_PER_REQUEST": "7",  # the flag below wins
         "SCHOLAREMBED_DTYPE": "float16",  # the flag below wins
+        "SCHOLAREMBED_MAX_BATCH_TOKENS": "512",
+        "SCHOLAREMBED_INDEX_KIND": "hnsw",
     }
+    folder = tmp_path_factory.mktemp("configured")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
             patch.setenv(name, value)
+        patch.setenv("SCHOLAREMBED_DATA_DIR", str(folder / "data"))
         server = ServerProcess(
-            tmp_path_factory.mktemp("configured"), "--model", str(tiny_model_dir),
+            folder, "--model", str(tiny_model_dir),
             "--max-texts-per-request", "9", "--dtype", "bfloat16", "--max-message-bytes", "2048",
         )  # fmt: skip
     yield server
@@ -122,6 +126,9 @@ def test_environment_variables_set_flags_and_a_flag_wins_over_its_variable(confi
         assert info.matryoshka_dimensions == (64, 32, 16)  # SCHOLAREMBED_MATRYOSHKA_DIMS
         assert info.dtype == "bfloat16"  # --dtype over SCHOLAREMBED_DTYPE=float16
         assert info.max_texts_per_request == 9  # --max-texts-per-request over SCHOLAREMBED_MAX_TEXTS_PER_REQUEST=7
+        assert (info.max_batch_tokens, info.max_message_bytes) == (512, 2048)
+        client.upsert_passages("configured", corpus(3))  # SCHOLAREMBED_DATA_DIR enabled SearchService
+        assert client.get_collection("configured").index_kind == "hnsw"  # SCHOLAREMBED_INDEX_KIND
         # 8 texts > 7: the variable is not in force (16 dimensions keep the response under 2,048 bytes).
         assert client.embed_queries(["protein"] * 8, dimensions=16).shape == (8, 16)
         with pytest.raises(scholarembed.InvalidArgumentError, match="limit of 9"):

@@ -197,6 +197,7 @@ def test_metrics_move_with_the_calls_made(tiny_server) -> None:
         "efficiency_sum": ("scholarembed_batch_padding_efficiency_sum", None),
         "efficiency_at_most_1": ("scholarembed_batch_padding_efficiency_bucket", {"le": "1.0"}),
         "padded_tokens": ("scholarembed_batch_tokens_sum", None),
+        "forward_passes": ("scholarembed_forward_duration_seconds_count", None),
         "embed_ok": ("scholarembed_request_duration_seconds_count", {"rpc": "Embed", "code": "OK"}),
         "embed_invalid": ("scholarembed_request_duration_seconds_count", {"rpc": "Embed", "code": "INVALID_ARGUMENT"}),
     }
@@ -221,6 +222,7 @@ def test_metrics_move_with_the_calls_made(tiny_server) -> None:
     assert moved["efficiency_count"] == moved["batches"] == moved["efficiency_at_most_1"]  # every one <= 1
     assert 0 < moved["efficiency_sum"] <= moved["efficiency_count"]
     assert moved["padded_tokens"] >= moved["tokens"]  # real tokens never exceed padded ones
+    assert moved["forward_passes"] == moved["batches"]
     assert (moved["embed_ok"], moved["embed_invalid"]) == (2, 1)
     assert scrape_metric(address, "scholarembed_queue_tokens") == 0
 
