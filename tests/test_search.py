@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import resource
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY_MATRYOSHKA, ServerProcess
+from conftest import TINY_MATRYOSHKA, ServerProcess, metrics_address, scrape_metric, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_model import WORDS
@@ -35,19 +35,35 @@ def corpus(count: int, prefix: str = "p") -> list[Passage]:
     ]
 
 
-def brute_force(client: Client, passages: list[Passage], queries: list[str], dimensions: int, k: int):
-    """Exact top-k from the server's own embeddings, computed here with numpy."""
+def brute_force(client: Client, passages: list[Passage], queries: list[str], dimensions: int) -> np.ndarray:
+    """Every query's cosine with every passage, from the server's own embeddings, computed here with numpy:
+    the full-size passage vectors cut to `dimensions` and re-normalised, as the README says search does."""
     passage_vectors = np.concatenate(
         [
             client.embed_passages([p.text for p in passages[i : i + 64]], [p.title for p in passages[i : i + 64]])
             for i in range(0, len(passages), 64)
         ]
     )
-    head = passage_vectors[:, :dimensions]
+    head = passage_vectors[:, :dimensions].astype(np.float64)
     head /= np.linalg.norm(head, axis=1, keepdims=True)
-    scores = client.embed_queries(queries, dimensions=dimensions) @ head.T
-    order = np.argsort(-scores, axis=1)[:, :k]
-    return [[passages[j].id for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
+    return client.embed_queries(queries, dimensions=dimensions) @ head.T
+
+
+def assert_exact_top_k(hits: list, scores: np.ndarray, ids: list[str], k: int, tolerance: float) -> None:
+    """`hits` are the k best passages, best first, each with its own score: tie-tolerant, never vacuous.
+
+    Passages whose scores differ by less than the storage precision may swap places, but every hit must
+    carry its own passage's score, the hits must be in descending order, and no passage left out may
+    beat the last hit by more than the tolerance.
+    """
+    column = {passage_id: j for j, passage_id in enumerate(ids)}
+    hit_ids = [h.id for h in hits]
+    assert len(hit_ids) == k and len(set(hit_ids)) == k
+    np.testing.assert_allclose([h.score for h in hits], [scores[column[i]] for i in hit_ids], atol=tolerance)
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+    left_out = np.delete(scores, [column[i] for i in hit_ids])
+    assert left_out.max() <= hits[-1].score + tolerance
+    np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1][:k], atol=tolerance)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +71,9 @@ def search_server(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("search")
     server = ServerProcess(
         folder, "--model", str(tiny_model_dir), "--matryoshka-dims", TINY_MATRYOSHKA,
-        "--data-dir", str(folder / "data"), "--max-top-k", "200",
+        "--data-dir", str(folder / "data"), "--max-top-k", "200", "--metrics-port", "0",
     )  # fmt: skip
+    server.metrics_address = metrics_address(server)
     yield server
     server.stop()
 
@@ -76,13 +93,10 @@ def test_search_is_exact_at_every_matryoshka_dimension(client, storage, toleranc
     assert [a.upserted for a in acks] == [40, 40, 40, 30]
     assert acks[0].ids == [p.id for p in passages[:40]]
     queries = ["protein gene", "tumor cell immune response", "the effect of drug dose on survival"]
-    expected_ids, expected_scores = brute_force(client, passages, queries, dimensions, 10)
+    expected = brute_force(client, passages, queries, dimensions)
     results = client.search_many(queries, collection=name, top_k=10, dimensions=dimensions)
-    for hits, ids, scores in zip(results, expected_ids, expected_scores, strict=True):
-        np.testing.assert_allclose([h.score for h in hits], scores, atol=tolerance)
-        assert [h.id for h in hits][:3] == ids[:3] or np.allclose(
-            [h.score for h in hits[:3]], scores[:3], atol=tolerance
-        )
+    for hits, scores in zip(results, expected, strict=True):
+        assert_exact_top_k(hits, scores, [p.id for p in passages], 10, tolerance)
     info = client.get_collection(name)
     assert (info.passage_count, info.dimensions, info.index_kind, info.vector_storage) == (150, 64, "flat", storage)
 
@@ -270,9 +284,20 @@ def test_client_killed_mid_stream_leaves_no_half_committed_request(search_server
     )
     for _ in range(5):
         process.stdout.readline()
+
+    def streams_ended() -> float:
+        labels = {"rpc": "UpsertPassages", "code": "CANCELLED"}
+        return scrape_metric(search_server.metrics_address, "scholarembed_request_duration_seconds_count", labels)
+
+    ended_before = streams_ended()
     process.send_signal(signal.SIGKILL)
     process.wait(30)
-    time.sleep(1)  # let the server finish whatever it had started
+    wait_for(
+        lambda: streams_ended() > ended_before,
+        message="the server never saw the killed client's stream end",
+    )
+    # Index writes run one at a time in order, so a write sent now runs after any commit still in progress.
+    client.delete_passages("abandoned", ["no such id"])
     ids = [f"c{i}" for i in range(2000)]
     stored = {p.id for p in client.get_passages("abandoned", ids)}
     assert len(stored) >= 250

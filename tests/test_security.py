@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import scholarembed
 from scholarembed import Client
@@ -79,7 +80,7 @@ def test_tls_serves_tls_clients_and_refuses_plain_text(pki, in_process_server) -
     server = in_process_server(tls_cert=str(pki["server_cert"]), tls_key=str(pki["server_key"]))
     with Client(server.address, root_certificates=pki["ca"].read_bytes()) as client:
         assert client.embed_queries(["protein"]).shape == (1, 64)
-    with Client(server.address, timeout=5) as plain, pytest.raises(scholarembed.UnavailableError):
+    with Client(server.address, timeout=60) as plain, pytest.raises(scholarembed.UnavailableError):
         plain.embed_queries(["protein"])
 
 
@@ -95,7 +96,7 @@ def test_mtls_requires_a_client_certificate(pki, in_process_server) -> None:
     ) as client:
         assert client.embed_queries(["protein"]).shape == (1, 64)
     with (
-        Client(server.address, root_certificates=pki["ca"].read_bytes(), timeout=5) as no_certificate,
+        Client(server.address, root_certificates=pki["ca"].read_bytes(), timeout=60) as no_certificate,
         pytest.raises(scholarembed.UnavailableError),
     ):
         no_certificate.embed_queries(["protein"])
@@ -124,13 +125,34 @@ def test_bearer_token_is_required(token_file, in_process_server) -> None:
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_probes_can_be_left_open(token_file, in_process_server) -> None:
-    server = in_process_server(auth_token_file=str(token_file), auth_open_probes=True)
+def list_services(channel: grpc.Channel) -> set[str]:
+    """Server reflection's service list, as grpcurl asks for it."""
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    response = next(reflection.ServerReflectionInfo(iter([request]), timeout=60))
+    return {service.name for service in response.list_services_response.service}
+
+
+@pytest.mark.parametrize("open_probes", [True, False])
+def test_probes_can_be_left_open(token_file, in_process_server, open_probes) -> None:
+    """--auth-open-probes leaves health checking and reflection open, and nothing else; without it,
+    probes need a token too."""
+    server = in_process_server(auth_token_file=str(token_file), auth_open_probes=open_probes)
     with grpc.insecure_channel(server.address) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
-    assert status == health_pb2.HealthCheckResponse.SERVING
+        if open_probes:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert "scholarembed.v1.EmbeddingService" in list_services(channel)
+        else:
+            for probe in (lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()),
+                          lambda: list_services(channel)):  # fmt: skip
+                with pytest.raises(grpc.RpcError) as raised:
+                    probe()
+                assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(server.address) as client, pytest.raises(scholarembed.AuthenticationError):
         client.model_info()
+    with Client(server.address, token=TOKEN) as client:
+        assert client.model_info().dimensions == 64
 
 
 def test_tokens_come_from_the_environment_not_flags(monkeypatch, tmp_path) -> None:

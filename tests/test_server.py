@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
+from conftest import metrics_address, scrape_metric
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from reference import ModelCard, card_passage, card_query, cosine
@@ -185,22 +185,46 @@ def test_sync_and_async_clients_expose_the_same_methods() -> None:
     assert public == {name for name in dir(AsyncClient) if not name.startswith("_")}
 
 
-def test_metrics_endpoint(tiny_server, client) -> None:
-    client.embed_queries(["protein"])
-    port = next(
-        line.split("metrics port ")[1].rstrip(")")
-        for line in tiny_server.output().splitlines()
-        if "metrics port" in line
-    )
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for name in (
-        'scholarembed_request_duration_seconds_count{code="OK",rpc="Embed"}',
-        "scholarembed_queue_tokens",
-        "scholarembed_batch_size_bucket",
-        "scholarembed_batch_tokens_bucket",
-        "scholarembed_embedded_tokens_total",
-    ):
-        assert name in body
+def test_metrics_move_with_the_calls_made(tiny_server) -> None:
+    """Not only the names: counters and histograms move by what these calls did (nothing else runs now)."""
+    address = metrics_address(tiny_server)
+    names = {
+        "tokens": ("scholarembed_embedded_tokens_total", None),
+        "texts": ("scholarembed_embedded_texts_total", None),
+        "batches": ("scholarembed_batch_size_count", None),
+        "batched_texts": ("scholarembed_batch_size_sum", None),
+        "efficiency_count": ("scholarembed_batch_padding_efficiency_count", None),
+        "efficiency_sum": ("scholarembed_batch_padding_efficiency_sum", None),
+        "efficiency_at_most_1": ("scholarembed_batch_padding_efficiency_bucket", {"le": "1.0"}),
+        "padded_tokens": ("scholarembed_batch_tokens_sum", None),
+        "forward_passes": ("scholarembed_forward_duration_seconds_count", None),
+        "embed_ok": ("scholarembed_request_duration_seconds_count", {"rpc": "Embed", "code": "OK"}),
+        "embed_invalid": ("scholarembed_request_duration_seconds_count", {"rpc": "Embed", "code": "INVALID_ARGUMENT"}),
+    }
+
+    def snapshot() -> dict[str, float]:
+        return {key: scrape_metric(address, name, labels) for key, (name, labels) in names.items()}
+
+    before = snapshot()
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        responses = [
+            stub.Embed(pb.EmbedRequest(texts=TEXTS, input_type=pb.INPUT_TYPE_QUERY)),
+            stub.Embed(pb.EmbedRequest(texts=TEXTS[:2], input_type=pb.INPUT_TYPE_RAW)),
+        ]
+        with pytest.raises(grpc.RpcError):
+            stub.Embed(pb.EmbedRequest(texts=[" "], input_type=pb.INPUT_TYPE_QUERY))
+    moved = {key: value - before[key] for key, value in snapshot().items()}
+    texts = len(TEXTS) + 2
+    assert moved["tokens"] == sum(r.usage.total_tokens for r in responses)
+    assert moved["texts"] == texts
+    assert 1 <= moved["batches"] <= texts and moved["batched_texts"] == texts
+    assert moved["efficiency_count"] == moved["batches"] == moved["efficiency_at_most_1"]  # every one <= 1
+    assert 0 < moved["efficiency_sum"] <= moved["efficiency_count"]
+    assert moved["padded_tokens"] >= moved["tokens"]  # real tokens never exceed padded ones
+    assert moved["forward_passes"] == moved["batches"]
+    assert (moved["embed_ok"], moved["embed_invalid"]) == (2, 1)
+    assert scrape_metric(address, "scholarembed_queue_tokens") == 0
 
 
 def test_threads_share_one_client(client) -> None:

@@ -69,7 +69,7 @@ def run_example(example: Path, server: ServerProcess, corpus: Path, collection: 
                "--out", str(out)]  # fmt: skip
     for query in QUERIES:
         command += ["--query", query]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)  # a hang guard, not a speed claim
     return run, json.loads(out.read_text()) if out.exists() else None
 
 

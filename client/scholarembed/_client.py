@@ -354,13 +354,14 @@ class _Options:
             else None
         )
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel_options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", SERVICE_CONFIG),
-            *channel_options,
-        ]
+        defaults: dict[str, Any] = {
+            "grpc.max_receive_message_length": max_message_bytes,
+            "grpc.max_send_message_length": max_message_bytes,
+            "grpc.enable_retries": 1,
+            "grpc.service_config": SERVICE_CONFIG,
+        }
+        # gRPC takes the first value given for a key, so the caller's options replace these, not follow them.
+        self.channel_options = list({**defaults, **dict(channel_options)}.items())
 
 
 class _StreamResponse(Protocol):

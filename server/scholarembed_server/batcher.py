@@ -167,6 +167,7 @@ class Batcher:
                 await asyncio.sleep(self._max_wait_s)  # let a burst gather into one batch
             self._work.clear()
             round_items, self._pending = self._pending, []
+            self._update_gauges()  # the round's texts are running now, not waiting
             round_items = [item for item in round_items if not item.future.done()]
             if not round_items:
                 continue
