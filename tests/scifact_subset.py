@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+# SCIFACT_DIR overrides where the data is (a git worktree sits one folder deeper than the checkout).
+SCIFACT = Path(os.environ.get("SCIFACT_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
 QUERIES = 50
 DISTRACTORS = 1000
 
