@@ -22,8 +22,6 @@ from ..errors import FailedPreconditionError, InvalidArgumentError, ScholarEmbed
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # What a metadata value must look like to be read as a number by a range (the proto's NumericRange).
 NUMBER = re.compile(r"[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*")
-# A word of a lexical query: letters and digits (FTS5's unicode61 tokenizer also splits on "_").
-WORD = re.compile(r"[^\W_]+")
 
 
 class IndexKind(enum.Enum):
@@ -142,11 +140,6 @@ def matches(metadata: Mapping[str, str], conditions: Sequence[Condition]) -> boo
     return True
 
 
-def query_words(query: str) -> list[str]:
-    """The distinct words of a lexical query, in order; everything else only separates them."""
-    return list(dict.fromkeys(WORD.findall(query)))
-
-
 @dataclass(frozen=True)
 class CollectionInfo:
     name: str
@@ -229,7 +222,8 @@ class VectorIndex(abc.ABC):
         include_passages: bool = False,
     ) -> list[list[Hit]]:
         """Best passages per query by BM25 over title and text, best first (score: higher is better).
-        Any word of the query (`query_words`) may match; a query without words finds nothing.
+        The query is split into words by the tokenizer that indexed the passages, so no text is
+        syntax; any word may match, and a query without words finds nothing.
         Raises LexicalUnavailableError where the collection has no lexical index."""
         raise LexicalUnavailableError(f"collection {name!r}: this store has no lexical search")
 

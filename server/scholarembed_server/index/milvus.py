@@ -87,7 +87,6 @@ from .base import (
     check_collection_name,
     conditions_of,
     prefix_normalised,
-    query_words,
 )
 
 log = logging.getLogger(__name__)
@@ -324,8 +323,8 @@ class MilvusIndex(VectorIndex):
                 "re-index it into a new collection for lexical and hybrid modes"
             )
         expression = _filter_expression(name, layout, conditions_of(metadata_filter))
-        texts = [" ".join(query_words(query)) for query in queries]
-        asked = [position for position, text in enumerate(texts) if text]  # no words: nothing to find
+        texts = list(queries)  # BM25 text has no syntax: Milvus's analyser splits it as it split the passages
+        asked = [position for position, text in enumerate(texts) if text.strip()]
         results: list[list[Hit]] = [[] for _ in queries]
         if not asked:
             return results
