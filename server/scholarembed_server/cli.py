@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--server", default="127.0.0.1:50051")
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--dimensions", type=int, default=0)
+    search.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense", help="ranking (dense)")
 
     evaluate = commands.add_parser("eval", help="nDCG@10, Recall@10, Recall@100 of a BEIR dataset, via the server")
     evaluate.add_argument("--beir", required=True, type=Path, help="folder with queries.jsonl and qrels/<split>.tsv")
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--collection", required=True)
     evaluate.add_argument("--server", default="127.0.0.1:50051")
     evaluate.add_argument("--dimensions", type=int, default=0)
+    evaluate.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense", help="ranking (dense)")
     evaluate.add_argument("--no-progress", action="store_true")
 
     args = parser.parse_args(argv)
@@ -157,13 +159,17 @@ def search_table(args: argparse.Namespace) -> int:
     with Client(args.server) as client:
         hits = client.search(
             args.query, collection=args.collection, top_k=args.top_k, dimensions=args.dimensions,
-            include_passages=True,
+            include_passages=True, mode=args.mode,
         )  # fmt: skip
     width = shutil.get_terminal_size((120, 20)).columns
-    print(f"{'rank':>4}  {'score':>6}  {'id':<16}  title / text")
+    hybrid = args.mode == "hybrid"
+    places = f"  {'dense':>5}  {'lex':>5}" if hybrid else ""
+    print(f"{'rank':>4}  {'score':>6}{places}  {'id':<16}  title / text")
     for rank, hit in enumerate(hits, start=1):
         snippet = (hit.title + " | " if hit.title else "") + hit.text
-        print(f"{rank:>4}  {hit.score:6.4f}  {hit.id[:16]:<16}  {snippet[: max(20, width - 34)]}")
+        if hybrid:  # each list's rank, "-" where the passage was not among its candidates
+            places = "".join(f"  {place.rank if place else '-':>5}" for place in (hit.dense, hit.lexical))
+        print(f"{rank:>4}  {hit.score:6.4f}{places}  {hit.id[:16]:<16}  {snippet[: max(20, width - 48)]}")
     return 0
 
 

@@ -55,7 +55,11 @@ def evaluate_beir(args: argparse.Namespace) -> dict[str, float]:
     run: dict[str, dict[str, float]] = {}
     with Client(args.server, timeout=None) as client:
         results = client.search_stream(
-            (queries[qid] for qid in query_ids), collection=args.collection, top_k=TOP_K, dimensions=args.dimensions
+            (queries[qid] for qid in query_ids),
+            collection=args.collection,
+            top_k=TOP_K,
+            dimensions=args.dimensions,
+            mode=args.mode,
         )
         for qid, hits in tqdm(zip(query_ids, results, strict=True), total=len(query_ids), disable=args.no_progress):
             run[qid] = {hit.id: hit.score for hit in hits}

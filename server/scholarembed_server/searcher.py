@@ -4,6 +4,10 @@
 A door converts its wire format into `scholarembed.v1` search messages, calls `Searcher`, and converts
 the answer back; errors are the domain exceptions of `errors`, mapped to status codes by each door.
 
+Search modes: dense (the index's vector search), lexical (its BM25 search) and hybrid, which fuses
+the two lists here, by reciprocal-rank fusion, so it is the same on every store. Metadata filters are
+validated here into `index.base` conditions, which each store applies to every mode.
+
 Index calls block (disk, SQLite, FAISS), so they run in worker threads: one writer, since commits are
 serialised anyway, and readers that never wait behind a commit. Upserts of one stream are embedded
 concurrently but committed in request order (`my_turn`), so a later request's version of an id wins.
@@ -12,7 +16,8 @@ concurrently but committed in request order (`my_turn`), so a later request's ve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -23,8 +28,13 @@ from .embedder import TextEmbedder
 from .engine import InputType, Truncation, matryoshka
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .index.base import (
+    AnyOf,
     CollectionInfo,
+    Condition,
+    Equals,
+    Hit,
     IndexKind,
+    Range,
     StoredPassage,
     VectorIndex,
     VectorStorage,
@@ -33,6 +43,11 @@ from .index.base import (
 
 MAX_ID_BYTES = 512
 MAX_GET_IDS = 10_000
+MAX_CONDITIONS = 64
+MAX_SET_VALUES = 1024
+DEFAULT_RRF_K = 60  # Cormack, Clarke and Buettcher (2009), and what most fusion systems use
+MAX_RRF_K = 10_000
+DEFAULT_HYBRID_DEPTH = 100
 T = TypeVar("T")
 
 _INDEX_KINDS = {
@@ -51,6 +66,74 @@ def collection_message(info: CollectionInfo) -> pb.Collection:
         index_kind={v: k for k, v in _INDEX_KINDS.items()}[info.index_kind],
         vector_storage={v: k for k, v in _STORAGES.items()}[info.vector_storage],
         model=info.model,
+    )
+
+
+def validate_conditions(request: pb.SearchRequest) -> list[Condition]:
+    """The request's `filter` map and `conditions` as index conditions, or InvalidArgumentError naming the field."""
+    conditions: list[Condition] = [Equals(key, value) for key, value in sorted(request.filter.items())]
+    if len(request.conditions) > MAX_CONDITIONS:
+        raise InvalidArgumentError(
+            "conditions", f"{len(request.conditions)} conditions exceed the limit of {MAX_CONDITIONS}"
+        )
+    for position, condition in enumerate(request.conditions):
+        field = f"conditions[{position}]"
+        if not condition.key:
+            raise InvalidArgumentError(f"{field}.key", "must not be empty")
+        kind = condition.WhichOneof("condition")
+        if kind == "equals":
+            conditions.append(Equals(condition.key, condition.equals))
+        elif kind == "any_of":
+            values = tuple(condition.any_of.values)
+            if not 1 <= len(values) <= MAX_SET_VALUES:
+                raise InvalidArgumentError(
+                    f"{field}.any_of.values", f"must hold 1 to {MAX_SET_VALUES} values, got {len(values)}"
+                )
+            conditions.append(AnyOf(condition.key, values))
+        elif kind == "range":
+            conditions.append(_range(condition.key, condition.range, f"{field}.range"))
+        else:
+            raise InvalidArgumentError(field, "sets none of equals, any_of, range")
+    return conditions
+
+
+def _range(key: str, message: pb.NumericRange, field: str) -> Range:
+    bounds = {name: getattr(message, name) for name in ("gt", "gte", "lt", "lte") if message.HasField(name)}
+    if not bounds:
+        raise InvalidArgumentError(field, "sets none of gt, gte, lt, lte")
+    for name, bound in bounds.items():
+        if not math.isfinite(bound):
+            raise InvalidArgumentError(f"{field}.{name}", f"must be a finite number, got {bound}")
+    if "gt" in bounds and "gte" in bounds:
+        raise InvalidArgumentError(field, "sets both gt and gte; keep one lower bound")
+    if "lt" in bounds and "lte" in bounds:
+        raise InvalidArgumentError(field, "sets both lt and lte; keep one upper bound")
+    lower = bounds.get("gt", bounds.get("gte", -math.inf))
+    upper = bounds.get("lt", bounds.get("lte", math.inf))
+    if lower > upper:
+        raise InvalidArgumentError(field, f"lower bound {lower} is above upper bound {upper}")
+    return Range(key, **bounds)
+
+
+def reciprocal_rank_fusion(
+    lists: dict[str, Sequence[Hit]], rrf_k: int, top_k: int
+) -> list[tuple[str, float, dict[str, tuple[int, float]]]]:
+    """(id, sum of 1 / (rrf_k + rank), {list name: (rank, score)}) of the best top_k, best first;
+    ties go to the smaller id, so a result never depends on the order lists were searched in."""
+    fused: dict[str, dict[str, tuple[int, float]]] = {}
+    for list_name, hits in lists.items():
+        for rank, hit in enumerate(hits, start=1):
+            fused.setdefault(hit.id, {})[list_name] = (rank, hit.score)
+    scored = [(id_, sum(1.0 / (rrf_k + rank) for rank, _ in places.values()), places) for id_, places in fused.items()]
+    scored.sort(key=lambda item: (-item[1], item[0]))
+    return scored[:top_k]
+
+
+def _hit_message(hit: Hit) -> pb.Hit:
+    if hit.passage is None:
+        return pb.Hit(id=hit.id, score=hit.score)
+    return pb.Hit(
+        id=hit.id, score=hit.score, title=hit.passage.title, text=hit.passage.text, metadata=dict(hit.passage.metadata)
     )
 
 
@@ -142,37 +225,70 @@ class Searcher:
         if not 1 <= request.top_k <= self._config.max_top_k:
             raise InvalidArgumentError("top_k", f"must be between 1 and {self._config.max_top_k}, got {request.top_k}")
         dimensions = self._engine.check_dimensions(request.dimensions)
-        self._check_compatible(await self._read(self.index.get_collection, name))  # NOT_FOUND before embedding
+        if request.mode not in pb.SearchMode.values():
+            raise InvalidArgumentError("mode", f"unknown search mode {request.mode}")
+        conditions = validate_conditions(request)
+        mode = request.mode or pb.SEARCH_MODE_DENSE
+        if mode == pb.SEARCH_MODE_HYBRID:
+            rrf_k, depth = self._hybrid_options(request)
+        info = await self._read(self.index.get_collection, name)  # NOT_FOUND before embedding
+        if mode == pb.SEARCH_MODE_LEXICAL:
+            hits = await self._lexical(name, queries, request.top_k, conditions, request.include_passages)
+            return pb.SearchResponse(results=[pb.QueryResult(hits=map(_hit_message, h)) for h in hits])
+        self._check_compatible(info)
         full, _ = await self._embedder.embed(
             self._engine.prompts.apply(queries, InputType.QUERY), Truncation.END, wait=wait, field="queries"
         )
-        hits = await self._read(
-            lambda: self.index.search(
-                name,
-                matryoshka(full, dimensions),
-                request.top_k,
-                metadata_filter=dict(request.filter),
-                include_passages=request.include_passages,
-            )
-        )
-        return pb.SearchResponse(
-            results=[
-                pb.QueryResult(
-                    hits=[
-                        pb.Hit(id=hit.id, score=hit.score)
-                        if hit.passage is None
-                        else pb.Hit(
-                            id=hit.id,
-                            score=hit.score,
-                            title=hit.passage.title,
-                            text=hit.passage.text,
-                            metadata=dict(hit.passage.metadata),
-                        )
-                        for hit in query_hits
-                    ]
+        vectors = matryoshka(full, dimensions)
+        if mode == pb.SEARCH_MODE_DENSE:
+            hits = await self._read(
+                lambda: self.index.search(
+                    name, vectors, request.top_k, metadata_filter=conditions, include_passages=request.include_passages
                 )
-                for query_hits in hits
-            ]
+            )
+            return pb.SearchResponse(results=[pb.QueryResult(hits=map(_hit_message, h)) for h in hits])
+        dense, lexical = await asyncio.gather(
+            self._read(lambda: self.index.search(name, vectors, depth, metadata_filter=conditions)),
+            self._lexical(name, queries, depth, conditions, include_passages=False),
+        )
+        fused = [
+            reciprocal_rank_fusion({"dense": d, "lexical": lx}, rrf_k, request.top_k)
+            for d, lx in zip(dense, lexical, strict=True)
+        ]
+        passages: dict[str, StoredPassage] = {}
+        if request.include_passages:
+            winners = list(dict.fromkeys(id_ for query_hits in fused for id_, _, _ in query_hits))
+            passages = {p.id: p for p in await self._read(self.index.get, name, winners)}
+        results = []
+        for query_hits in fused:
+            messages = []
+            for id_, score, places in query_hits:
+                message = _hit_message(Hit(id_, score, passages.get(id_)))
+                for list_name, (rank, list_score) in places.items():
+                    getattr(message, list_name).CopyFrom(pb.ListRank(rank=rank, score=list_score))
+                messages.append(message)
+            results.append(pb.QueryResult(hits=messages))
+        return pb.SearchResponse(results=results)
+
+    def _hybrid_options(self, request: pb.SearchRequest) -> tuple[int, int]:
+        rrf_k = request.hybrid.rrf_k or DEFAULT_RRF_K
+        if rrf_k > MAX_RRF_K:
+            raise InvalidArgumentError("hybrid.rrf_k", f"must be at most {MAX_RRF_K}, got {rrf_k}")
+        max_top_k = self._config.max_top_k
+        depth = request.hybrid.depth or min(max(DEFAULT_HYBRID_DEPTH, request.top_k), max_top_k)
+        if not request.top_k <= depth <= max_top_k:
+            raise InvalidArgumentError(
+                "hybrid.depth", f"must be between top_k ({request.top_k}) and {max_top_k}, got {depth}"
+            )
+        return rrf_k, depth
+
+    async def _lexical(
+        self, name: str, queries: list[str], top_k: int, conditions: list[Condition], include_passages: bool
+    ) -> list[list[Hit]]:
+        return await self._read(
+            lambda: self.index.lexical_search(
+                name, queries, top_k, metadata_filter=conditions, include_passages=include_passages
+            )
         )
 
     async def delete_passages(self, request: pb.DeletePassagesRequest) -> pb.DeletePassagesResponse:

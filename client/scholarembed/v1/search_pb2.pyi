@@ -6,7 +6,9 @@ Search over passages stored in the server: stream a corpus in, search it with qu
 Errors (gRPC status codes; details carry google.rpc.BadRequest naming the field):
   INVALID_ARGUMENT    a request field is wrong (empty id, duplicate ids, top_k out of range, ...).
   NOT_FOUND           the collection does not exist.
-  FAILED_PRECONDITION the collection holds vectors of another model than the server's.
+  FAILED_PRECONDITION the collection holds vectors of another model than the server's, or it
+                      cannot serve what was asked (lexical search or numeric ranges on a Milvus
+                      collection created before they existed).
   RESOURCE_EXHAUSTED  a message over the size limit, or the server's queue is full (unary calls).
   UNAVAILABLE         the server is starting up or draining.
   UNIMPLEMENTED       the server runs without a passage store (no --data-dir or --index-uri).
@@ -83,6 +85,200 @@ VECTOR_STORAGE_FLOAT16: VectorStorage.ValueType  # 1
 VECTOR_STORAGE_FLOAT32: VectorStorage.ValueType  # 2
 """4 bytes per dimension."""
 Global___VectorStorage: _TypeAlias = VectorStorage  # noqa: Y015
+
+class _SearchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_MODE_UNSPECIFIED: _SearchMode.ValueType  # 0
+    """Server default: SEARCH_MODE_DENSE, exactly as before modes existed."""
+    SEARCH_MODE_DENSE: _SearchMode.ValueType  # 1
+    """Cosine similarity between the embedded query and the stored passage vectors."""
+    SEARCH_MODE_LEXICAL: _SearchMode.ValueType  # 2
+    """BM25 over the passage's title and text. The query is split into words by the tokenizer that
+    indexed the passages (punctuation and spaces separate words; FTS5 or Milvus syntax is never
+    read as syntax) and any of them may match: a query with no words finds nothing. Hit.score is the BM25 score (higher is better; its
+    scale depends on the store). Embedded store: SQLite FTS5, porter stemming, diacritics folded.
+    Milvus: its built-in BM25 full-text search (lowercased words; milvus-lite 3.2.2 does not stem).
+    FAILED_PRECONDITION for a Milvus collection created before lexical search existed.
+    """
+    SEARCH_MODE_HYBRID: _SearchMode.ValueType  # 3
+    """Reciprocal-rank fusion of the dense and the lexical list (see HybridOptions): a passage scores
+    the sum over the lists it is in of 1 / (rrf_k + rank), rank counted from 1; ties go to the
+    smaller id. Hit.score is that sum; Hit.dense and Hit.lexical give the rank and score in each list.
+    """
+
+class SearchMode(_SearchMode, metaclass=_SearchModeEnumTypeWrapper):
+    """SearchMode chooses how passages are ranked."""
+
+SEARCH_MODE_UNSPECIFIED: SearchMode.ValueType  # 0
+"""Server default: SEARCH_MODE_DENSE, exactly as before modes existed."""
+SEARCH_MODE_DENSE: SearchMode.ValueType  # 1
+"""Cosine similarity between the embedded query and the stored passage vectors."""
+SEARCH_MODE_LEXICAL: SearchMode.ValueType  # 2
+"""BM25 over the passage's title and text. The query is split into words by the tokenizer that
+indexed the passages (punctuation and spaces separate words; FTS5 or Milvus syntax is never
+read as syntax) and any of them may match: a query with no words finds nothing. Hit.score is the BM25 score (higher is better; its
+scale depends on the store). Embedded store: SQLite FTS5, porter stemming, diacritics folded.
+Milvus: its built-in BM25 full-text search (lowercased words; milvus-lite 3.2.2 does not stem).
+FAILED_PRECONDITION for a Milvus collection created before lexical search existed.
+"""
+SEARCH_MODE_HYBRID: SearchMode.ValueType  # 3
+"""Reciprocal-rank fusion of the dense and the lexical list (see HybridOptions): a passage scores
+the sum over the lists it is in of 1 / (rrf_k + rank), rank counted from 1; ties go to the
+smaller id. Hit.score is that sum; Hit.dense and Hit.lexical give the rank and score in each list.
+"""
+Global___SearchMode: _TypeAlias = SearchMode  # noqa: Y015
+
+@_typing.final
+class HybridOptions(_message.Message):
+    """HybridOptions tune SEARCH_MODE_HYBRID; ignored in the other modes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RRF_K_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    rrf_k: _builtins.int
+    """The k of reciprocal-rank fusion: 0 means 60 (the value of Cormack et al., 2009); at most 10,000."""
+    depth: _builtins.int
+    """Candidates taken from each list before fusing: 0 means max(100, top_k); otherwise top_k to
+    the server's max_top_k (a smaller or larger value is INVALID_ARGUMENT).
+    """
+    def __init__(
+        self,
+        *,
+        rrf_k: _builtins.int = ...,
+        depth: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "rrf_k", b"rrf_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HybridOptions: _TypeAlias = HybridOptions  # noqa: Y015
+
+@_typing.final
+class NumericRange(_message.Message):
+    """NumericRange bounds a metadata value read as a number. Metadata values are strings: a value is a
+    number when it is an ASCII decimal: an optional sign, digits with an optional fraction, an
+    optional exponent, nothing else but surrounding spaces, tabs or newlines ("2020", " -1.5",
+    "3e-7", ".5"; not "0x10", "1,000", "2020a", "NaN", "inf" or "1e999"); it is compared as an IEEE
+    double (integers beyond 2^53 are rounded). A value that is not a number never matches a range. At least one bound
+    is required; bounds must be finite, at most one lower (gt, gte) and one upper (lt, lte), and the
+    lower not above the upper (violations are INVALID_ARGUMENT naming the field).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GT_FIELD_NUMBER: _builtins.int
+    GTE_FIELD_NUMBER: _builtins.int
+    LT_FIELD_NUMBER: _builtins.int
+    LTE_FIELD_NUMBER: _builtins.int
+    gt: _builtins.float
+    """value > gt."""
+    gte: _builtins.float
+    """value >= gte."""
+    lt: _builtins.float
+    """value < lt."""
+    lte: _builtins.float
+    """value <= lte."""
+    def __init__(
+        self,
+        *,
+        gt: _builtins.float | None = ...,
+        gte: _builtins.float | None = ...,
+        lt: _builtins.float | None = ...,
+        lte: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gt", b"_gt", "_gte", b"_gte", "_lt", b"_lt", "_lte", b"_lte", "gt", b"gt", "gte", b"gte", "lt", b"lt", "lte", b"lte"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gt", b"_gt", "_gte", b"_gte", "_lt", b"_lt", "_lte", b"_lte", "gt", b"gt", "gte", b"gte", "lt", b"lt", "lte", b"lte"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gt: _TypeAlias = _typing.Literal["gt"]  # noqa: Y015
+    _WhichOneofArgType__gt: _TypeAlias = _typing.Literal["_gt", b"_gt"]  # noqa: Y015
+    _WhichOneofReturnType__gte: _TypeAlias = _typing.Literal["gte"]  # noqa: Y015
+    _WhichOneofArgType__gte: _TypeAlias = _typing.Literal["_gte", b"_gte"]  # noqa: Y015
+    _WhichOneofReturnType__lt: _TypeAlias = _typing.Literal["lt"]  # noqa: Y015
+    _WhichOneofArgType__lt: _TypeAlias = _typing.Literal["_lt", b"_lt"]  # noqa: Y015
+    _WhichOneofReturnType__lte: _TypeAlias = _typing.Literal["lte"]  # noqa: Y015
+    _WhichOneofArgType__lte: _TypeAlias = _typing.Literal["_lte", b"_lte"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gt) -> _WhichOneofReturnType__gt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gte) -> _WhichOneofReturnType__gte | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lt) -> _WhichOneofReturnType__lt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lte) -> _WhichOneofReturnType__lte | None: ...
+
+Global___NumericRange: _TypeAlias = NumericRange  # noqa: Y015
+
+@_typing.final
+class StringSet(_message.Message):
+    """StringSet is a set of exact metadata values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 1,024 values; the value must equal one of them exactly."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StringSet: _TypeAlias = StringSet  # noqa: Y015
+
+@_typing.final
+class MetadataCondition(_message.Message):
+    """MetadataCondition is one condition on one metadata key; a passage without the key never matches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EQUALS_FIELD_NUMBER: _builtins.int
+    ANY_OF_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Metadata key; required, non-empty."""
+    equals: _builtins.str
+    """The value equals this string exactly."""
+    @_builtins.property
+    def any_of(self) -> Global___StringSet:
+        """The value is one of these strings ("venue in {...}")."""
+
+    @_builtins.property
+    def range(self) -> Global___NumericRange:
+        """The value, read as a number, lies in this range ("year >= 2020")."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        equals: _builtins.str = ...,
+        any_of: Global___StringSet | None = ...,
+        range: Global___NumericRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["any_of", b"any_of", "condition", b"condition", "equals", b"equals", "range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_of", b"any_of", "condition", b"condition", "equals", b"equals", "key", b"key", "range", b"range"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_condition: _TypeAlias = _typing.Literal["equals", "any_of", "range"]  # noqa: Y015
+    _WhichOneofArgType_condition: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_condition) -> _WhichOneofReturnType_condition | None: ...
+
+Global___MetadataCondition: _TypeAlias = MetadataCondition  # noqa: Y015
 
 @_typing.final
 class Passage(_message.Message):
@@ -374,6 +570,9 @@ class SearchRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     INCLUDE_PASSAGES_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    HYBRID_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Collection name; NOT_FOUND if it does not exist."""
     top_k: _builtins.int
@@ -384,6 +583,8 @@ class SearchRequest(_message.Message):
     """
     include_passages: _builtins.bool
     """Return each hit's title, text and metadata (default: ids and scores only)."""
+    mode: Global___SearchMode.ValueType
+    """How to rank; unspecified means dense. Every mode applies the same filters."""
     @_builtins.property
     def queries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Query texts, embedded with the query prompt: 1 to
@@ -394,7 +595,17 @@ class SearchRequest(_message.Message):
     @_builtins.property
     def filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Exact-match metadata filter: a hit's metadata must have every key with exactly this value.
-        Empty (the default): no filter.
+        Empty (the default): no filter. Combined with `conditions` by AND.
+        """
+
+    @_builtins.property
+    def hybrid(self) -> Global___HybridOptions:
+        """Fusion settings, used only when mode is SEARCH_MODE_HYBRID."""
+
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataCondition]:
+        """Metadata conditions, all of which a hit must meet (AND), as `filter` is; at most 64. Applied
+        identically in every mode and store. Empty (the default): no condition.
         """
 
     def __init__(
@@ -406,14 +617,43 @@ class SearchRequest(_message.Message):
         dimensions: _builtins.int = ...,
         include_passages: _builtins.bool = ...,
         filter: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        hybrid: Global___HybridOptions | None = ...,
+        conditions: _abc.Iterable[Global___MetadataCondition] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hybrid", b"hybrid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "dimensions", b"dimensions", "filter", b"filter", "include_passages", b"include_passages", "queries", b"queries", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "conditions", b"conditions", "dimensions", b"dimensions", "filter", b"filter", "hybrid", b"hybrid", "include_passages", b"include_passages", "mode", b"mode", "queries", b"queries", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+
+@_typing.final
+class ListRank(_message.Message):
+    """ListRank is where a passage stood in one ranked list of a hybrid search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """Position in the list, from 1 (best)."""
+    score: _builtins.float
+    """The list's own score: cosine similarity (dense) or BM25 score (lexical)."""
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRank: _TypeAlias = ListRank  # noqa: Y015
 
 @_typing.final
 class Hit(_message.Message):
@@ -446,10 +686,14 @@ class Hit(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    DENSE_FIELD_NUMBER: _builtins.int
+    LEXICAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Passage id."""
     score: _builtins.float
-    """Cosine similarity between query and passage at the searched dimension, in [-1, 1]."""
+    """Dense mode: cosine similarity between query and passage at the searched dimension, in [-1, 1].
+    Lexical mode: BM25 score. Hybrid mode: the reciprocal-rank fusion score.
+    """
     title: _builtins.str
     """Title, when include_passages."""
     text: _builtins.str
@@ -457,6 +701,16 @@ class Hit(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Metadata, when include_passages."""
+
+    @_builtins.property
+    def dense(self) -> Global___ListRank:
+        """Hybrid mode: the passage's place in the dense list; unset if it was not among its `depth`
+        candidates, and in the other modes.
+        """
+
+    @_builtins.property
+    def lexical(self) -> Global___ListRank:
+        """Hybrid mode: the passage's place in the lexical list; unset as `dense` is."""
 
     def __init__(
         self,
@@ -466,10 +720,12 @@ class Hit(_message.Message):
         title: _builtins.str = ...,
         text: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        dense: Global___ListRank | None = ...,
+        lexical: Global___ListRank | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dense", b"dense", "lexical", b"lexical"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "metadata", b"metadata", "score", b"score", "text", b"text", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dense", b"dense", "id", b"id", "lexical", b"lexical", "metadata", b"metadata", "score", b"score", "text", b"text", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

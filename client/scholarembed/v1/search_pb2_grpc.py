@@ -107,7 +107,8 @@ class SearchServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Search embeds each query as a query and returns its nearest passages by cosine similarity.
+        """Search returns each query's best passages: by cosine similarity of embeddings (dense, the
+        default), by BM25 over title and text (lexical), or both fused (hybrid); see SearchMode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -6,7 +6,9 @@ Search over passages stored in the server: stream a corpus in, search it with qu
 Errors (gRPC status codes; details carry google.rpc.BadRequest naming the field):
   INVALID_ARGUMENT    a request field is wrong (empty id, duplicate ids, top_k out of range, ...).
   NOT_FOUND           the collection does not exist.
-  FAILED_PRECONDITION the collection holds vectors of another model than the server's.
+  FAILED_PRECONDITION the collection holds vectors of another model than the server's, or it
+                      cannot serve what was asked (lexical search or numeric ranges on a Milvus
+                      collection created before they existed).
   RESOURCE_EXHAUSTED  a message over the size limit, or the server's queue is full (unary calls).
   UNAVAILABLE         the server is starting up or draining.
   UNIMPLEMENTED       the server runs without a passage store (no --data-dir or --index-uri).
@@ -58,7 +60,9 @@ class SearchServiceStub:
     resuming client asks it which ids are already stored, and upserts only the others.
     """
     Search: _grpc.UnaryUnaryMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]
-    """Search embeds each query as a query and returns its nearest passages by cosine similarity."""
+    """Search returns each query's best passages: by cosine similarity of embeddings (dense, the
+    default), by BM25 over title and text (lexical), or both fused (hybrid); see SearchMode.
+    """
     SearchStream: _grpc.StreamStreamMultiCallable[_search_pb2.SearchStreamRequest, _search_pb2.SearchStreamResponse]
     """SearchStream is Search for many requests over one stream, with request_id correlation and
     in-band errors, as EmbedStream. Responses come in request order.
@@ -88,7 +92,9 @@ class SearchServiceAsyncStub(SearchServiceStub):
     resuming client asks it which ids are already stored, and upserts only the others.
     """
     Search: _aio.UnaryUnaryMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]  # type: ignore[assignment]
-    """Search embeds each query as a query and returns its nearest passages by cosine similarity."""
+    """Search returns each query's best passages: by cosine similarity of embeddings (dense, the
+    default), by BM25 over title and text (lexical), or both fused (hybrid); see SearchMode.
+    """
     SearchStream: _aio.StreamStreamMultiCallable[_search_pb2.SearchStreamRequest, _search_pb2.SearchStreamResponse]  # type: ignore[assignment]
     """SearchStream is Search for many requests over one stream, with request_id correlation and
     in-band errors, as EmbedStream. Responses come in request order.
@@ -139,7 +145,9 @@ class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _search_pb2.SearchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_search_pb2.SearchResponse, _abc.Awaitable[_search_pb2.SearchResponse]]:
-        """Search embeds each query as a query and returns its nearest passages by cosine similarity."""
+        """Search returns each query's best passages: by cosine similarity of embeddings (dense, the
+        default), by BM25 over title and text (lexical), or both fused (hybrid); see SearchMode.
+        """
 
     @_abc_1.abstractmethod
     def SearchStream(

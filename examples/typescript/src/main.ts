@@ -9,11 +9,11 @@ import { writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 
-import { type Passage, readPassages, ScholarEmbed } from "./scholarembed.js";
+import { type MetadataCondition, type Passage, readPassages, ScholarEmbed, type SearchMode } from "./scholarembed.js";
 
 const USAGE = `usage: main.js ADDRESS --corpus FILE.jsonl --query TEXT [--query TEXT ...]
   [--dimensions N (0 = full)] [--collection NAME] [--batch-size N] [--window N] [--top-k N]
-  [--out FILE.json] [--protos DIR]`;
+  [--mode dense|lexical|hybrid] [--min-year N] [--venue V ...] [--out FILE.json] [--protos DIR]`;
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -25,6 +25,9 @@ const { values, positionals } = parseArgs({
     "batch-size": { type: "string", default: "64" },
     window: { type: "string", default: "8" },
     "top-k": { type: "string", default: "5" },
+    mode: { type: "string", default: "dense" },
+    "min-year": { type: "string" },
+    venue: { type: "string", multiple: true, default: [] },
     out: { type: "string" },
     protos: { type: "string", default: fileURLToPath(new URL("../../../protos", import.meta.url)) },
   },
@@ -38,6 +41,11 @@ const corpus = values.corpus;
 const queries = values.query;
 const dimensions = Number(values.dimensions);
 const collection = values.collection;
+const mode = `SEARCH_MODE_${values.mode.toUpperCase()}` as SearchMode;
+// Metadata values are strings; a range reads them as numbers ("2021" >= 2020).
+const conditions: MetadataCondition[] = [];
+if (values["min-year"] !== undefined) conditions.push({ key: "year", range: { gte: Number(values["min-year"]) } });
+if (values.venue.length > 0) conditions.push({ key: "venue", any_of: { values: values.venue } });
 
 async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
   const result: T[] = [];
@@ -89,7 +97,10 @@ async function main(): Promise<number> {
       `upserted ${stored} passages into "${collection}" in ${acks.length} requests (${refused.length} refused)`,
     );
 
-    const hits = await client.searchMany(collection, queries, Number(values["top-k"]), dimensions);
+    const hits = await client.searchMany(collection, queries, Number(values["top-k"]), dimensions, {
+      mode,
+      conditions,
+    });
     hits.forEach((queryHits, q) => {
       const listed = queryHits.map((hit) => `${hit.id} ${hit.score.toFixed(4)}`).join(", ");
       console.log(`  "${queries[q]}": ${listed}`);

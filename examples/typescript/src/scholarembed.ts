@@ -49,9 +49,37 @@ interface UpsertPassagesResponse {
   error: RpcStatus | null;
 }
 
+/** Where a hybrid hit stood in one list: rank from 1, and that list's score (cosine or BM25). */
+export interface ListRank {
+  rank: number;
+  score: number;
+}
+
 export interface Hit {
   id: string;
+  /** Cosine (dense), BM25 (lexical) or the reciprocal-rank fusion score (hybrid). */
   score: number;
+  /** Hybrid only: the place in the dense and lexical lists; null when not among a list's candidates. */
+  dense: ListRank | null;
+  lexical: ListRank | null;
+}
+
+export type SearchMode = "SEARCH_MODE_DENSE" | "SEARCH_MODE_LEXICAL" | "SEARCH_MODE_HYBRID";
+
+/** One metadata condition (MetadataCondition): exactly one of equals, any_of, range. */
+export interface MetadataCondition {
+  key: string;
+  equals?: string;
+  any_of?: { values: string[] };
+  range?: { gt?: number; gte?: number; lt?: number; lte?: number };
+}
+
+export interface SearchOptions {
+  mode?: SearchMode;
+  /** All must hold (AND), in every mode. */
+  conditions?: MetadataCondition[];
+  /** Hybrid: the k of reciprocal-rank fusion (0 = 60) and candidates per list (0 = max(100, topK)). */
+  hybrid?: { rrf_k?: number; depth?: number };
 }
 
 interface SearchResponse {
@@ -243,9 +271,17 @@ export class ScholarEmbed {
   }
 
   /** The best `topK` passages of the collection for each query, best first, at `dimensions`. */
-  async searchMany(collection: string, queries: string[], topK: number, dimensions: number): Promise<Hit[][]> {
-    const request = { collection, queries, top_k: topK, dimensions };
+  async searchMany(
+    collection: string,
+    queries: string[],
+    topK: number,
+    dimensions: number,
+    options: SearchOptions = {},
+  ): Promise<Hit[][]> {
+    const request = { collection, queries, top_k: topK, dimensions, ...options };
     const response = await unary(this.search.Search.bind(this.search), request);
-    return response.results.map((result) => result.hits.map(({ id, score }) => ({ id, score })));
+    return response.results.map((result) =>
+      result.hits.map(({ id, score, dense, lexical }) => ({ id, score, dense, lexical })),
+    );
   }
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from ..errors import InvalidArgumentError, ScholarEmbedError
+from ..errors import FailedPreconditionError, InvalidArgumentError, ScholarEmbedError
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What a metadata value must look like to be read as a number by a range (the proto's NumericRange).
+NUMBER = re.compile(r"[ \t\n\r]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t\n\r]*")
 
 
 class IndexKind(enum.Enum):
@@ -57,11 +60,84 @@ class StoredPassage:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+class LexicalUnavailableError(FailedPreconditionError):
+    """The collection has no lexical index (a Milvus collection made before lexical search existed)."""
+
+
 @dataclass(frozen=True)
 class Hit:
     id: str
     score: float
     passage: StoredPassage | None = None  # filled when the search asked for passages
+
+
+@dataclass(frozen=True)
+class Equals:
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds on a value read as a number (`as_number`); None means unbounded on that side."""
+
+    key: str
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+    def admits(self, number: float) -> bool:
+        return (
+            (self.gt is None or number > self.gt)
+            and (self.gte is None or number >= self.gte)
+            and (self.lt is None or number < self.lt)
+            and (self.lte is None or number <= self.lte)
+        )
+
+
+Condition = Equals | AnyOf | Range
+MetadataFilter = Mapping[str, str] | Sequence[Condition]
+"""Exact matches as a mapping (what stores took first), or conditions; every one must hold (AND)."""
+
+
+def conditions_of(metadata_filter: MetadataFilter | None) -> list[Condition]:
+    if not metadata_filter:
+        return []
+    if isinstance(metadata_filter, Mapping):
+        return [Equals(key, value) for key, value in sorted(metadata_filter.items())]
+    return list(metadata_filter)
+
+
+def as_number(value: str) -> float | None:
+    """The number a metadata value stands for in a range, or None if it is not one."""
+    if not NUMBER.fullmatch(value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None  # "1e999" overflows: not a number we can compare
+
+
+def matches(metadata: Mapping[str, str], conditions: Sequence[Condition]) -> bool:
+    """The reference semantics of a filter, which every store's query must reproduce."""
+    for condition in conditions:
+        value = metadata.get(condition.key)
+        if value is None:
+            return False
+        if isinstance(condition, Equals) and value != condition.value:
+            return False
+        if isinstance(condition, AnyOf) and value not in condition.values:
+            return False
+        if isinstance(condition, Range):
+            number = as_number(value)
+            if number is None or not condition.admits(number):
+                return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -130,11 +206,26 @@ class VectorIndex(abc.ABC):
         queries: np.ndarray,
         top_k: int,
         *,
-        metadata_filter: Mapping[str, str] | None = None,
+        metadata_filter: MetadataFilter | None = None,
         include_passages: bool = False,
     ) -> list[list[Hit]]:
         """Nearest passages per query by cosine, best first. `queries` are unit vectors of width d,
         a Matryoshka dimension; stored vectors are cut to d and re-normalised."""
+
+    def lexical_search(
+        self,
+        name: str,
+        queries: Sequence[str],
+        top_k: int,
+        *,
+        metadata_filter: MetadataFilter | None = None,
+        include_passages: bool = False,
+    ) -> list[list[Hit]]:
+        """Best passages per query by BM25 over title and text, best first (score: higher is better).
+        The query is split into words by the tokenizer that indexed the passages, so no text is
+        syntax; any word may match, and a query without words finds nothing.
+        Raises LexicalUnavailableError where the collection has no lexical index."""
+        raise LexicalUnavailableError(f"collection {name!r}: this store has no lexical search")
 
     @abc.abstractmethod
     def close(self) -> None:

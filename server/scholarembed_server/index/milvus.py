@@ -9,6 +9,11 @@ Layout of a collection, as the Milvus collection <prefix><escaped name>:
     id          VARCHAR primary key (512 bytes)     title, text   VARCHAR (65535 bytes each)
     metadata    JSON (string values)                vector        FLOAT_VECTOR, full dimension, unit length
     vector_<d>  FLOAT_VECTOR: the first d components, re-normalised, for each stored Matryoshka prefix d
+    lexical     VARCHAR: title + "\n" + text, its first 65535 bytes, analysed (standard tokenizer,
+                lowercase, English stemmer) for Milvus's built-in BM25 function, which fills
+    lexical_bm25 SPARSE_FLOAT_VECTOR, searched with metric BM25 (lexical search)
+    metadata_numbers JSON: the metadata values that are numbers (base.as_number), as numbers, which
+                numeric ranges compare (Milvus cannot cast a JSON string)
     properties  scholarembed.model, scholarembed.index_kind, scholarembed.prefix_dimensions
 Milvus names allow only [A-Za-z0-9_], so "_" is written "__" and "-" "_h". Vectors are stored as
 float32 whatever storage was asked for: milvus-lite has no float16 vectors, and one layout serves both.
@@ -21,7 +26,13 @@ Matryoshka dimensions: Milvus cannot search a prefix of a vector field. A search
 Prefix fields cost storage (768 + 512 + 256 + 128 floats per passage for EmbeddingGemma, 2.3x the
 full vector alone), so they are created for the dimensions given to the constructor, the smallest
 first (their ranking differs most from the full one), within Milvus's default of 4 vector fields per
-collection. They are fixed when a collection is created.
+collection. They are fixed when a collection is created. The BM25 field counts as a vector field too.
+
+Lexical search and numeric ranges need fields that collections made before them lack: Milvus cannot
+add a function or a vector field to an existing collection, so on those they are FAILED_PRECONDITION
+(re-index into a new collection to get them). milvus-lite 3.2.2 (measured) has BM25 full-text search,
+lowercases, but ignores the stemmer filter: "genes" does not match "gene" there, unlike on a server.
+It reports BM25 scores negated; hits carry the score as a positive number on both.
 
 Writes, honestly:
     - An upsert is one Milvus upsert request, validated here first (sizes, shapes) so that nothing is
@@ -53,20 +64,28 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import DataType, Function, FunctionType, MilvusClient, MilvusException
 
-from ..errors import InvalidArgumentError, ScholarEmbedError
+from ..errors import FailedPreconditionError, InvalidArgumentError, ScholarEmbedError
 from .base import (
+    AnyOf,
     CollectionInfo,
     CollectionNotFoundError,
+    Condition,
     CorruptCollectionError,
+    Equals,
     Hit,
     IndexKind,
+    LexicalUnavailableError,
+    MetadataFilter,
+    Range,
     StorageError,
     StoredPassage,
     VectorIndex,
     VectorStorage,
+    as_number,
     check_collection_name,
+    conditions_of,
     prefix_normalised,
 )
 
@@ -88,6 +107,11 @@ IVF_BUILD = {"nlist": 1024}  # per segment; milvus-lite clamps it to a segment's
 IVF_SEARCH = {"nprobe": 128}  # nlist / 8: recall first, as the embedded store
 METRIC = "COSINE"  # vectors are unit length, so this equals IP; it also keeps scores cosines for any query
 
+ANALYZER = {"tokenizer": "standard", "filter": ["lowercase", {"type": "stemmer", "language": "english"}]}
+LEXICAL_FIELD = "lexical"
+BM25_FIELD = "lexical_bm25"
+NUMBERS_FIELD = "metadata_numbers"
+
 _INDEX_TYPES = {IndexKind.FLAT: "FLAT", IndexKind.HNSW: "HNSW", IndexKind.IVF: "IVF_FLAT"}
 _PASSAGE_FIELDS = ["id", "title", "text", "metadata"]
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
@@ -108,6 +132,7 @@ class _Layout:
     model: str
     index_kind: IndexKind
     prefix_dimensions: tuple[int, ...]  # ascending, all below `dimensions`
+    lexical: bool = True  # has the BM25 and metadata_numbers fields (collections made since they exist)
 
     def info(self, name: str, passage_count: int) -> CollectionInfo:
         return CollectionInfo(name, passage_count, self.dimensions, self.index_kind, VectorStorage.FLOAT32, self.model)
@@ -163,7 +188,7 @@ class MilvusIndex(VectorIndex):
                 exists = self._client.has_collection(milvus_name)
             if exists:
                 return self.get_collection(name)
-            prefixes = tuple(d for d in self.matryoshka_dims if d < dimensions)[: MAX_VECTOR_FIELDS - 1]
+            prefixes = tuple(d for d in self.matryoshka_dims if d < dimensions)[: MAX_VECTOR_FIELDS - 2]
             layout = _Layout(milvus_name, dimensions, model, index_kind, prefixes)
             try:
                 self._client.create_collection(
@@ -263,6 +288,7 @@ class MilvusIndex(VectorIndex):
         if len(queries) == 0:
             return []
         limit = min(top_k, MAX_LIMIT)
+        expression = _filter_expression(name, layout, conditions_of(metadata_filter))
         field = layout.field_for(dimensions)
         native = field == _vector_field(dimensions, layout.dimensions)  # else candidates to re-rank
         wanted = limit if native else min(MAX_LIMIT, max(RERANK_FACTOR * limit, RERANK_MIN_CANDIDATES))
@@ -273,13 +299,51 @@ class MilvusIndex(VectorIndex):
                 data=_padded(queries, layout.width(field)),
                 anns_field=field,
                 limit=wanted,
-                filter=_metadata_filter(metadata_filter),
+                filter=expression,
                 output_fields=output_fields,
                 search_params=layout.search_params(wanted),
             )
         if native:
             return [[_hit(hit, include_passages) for hit in hits] for hits in results]
         return self._reranked(name, layout, queries, results, field, limit, include_passages)
+
+    def lexical_search(
+        self,
+        name: str,
+        queries: Sequence[str],
+        top_k: int,
+        *,
+        metadata_filter: MetadataFilter | None = None,
+        include_passages: bool = False,
+    ) -> list[list[Hit]]:
+        layout = self._layout(name)
+        if not layout.lexical:
+            raise LexicalUnavailableError(
+                f"collection {name!r} was created before lexical search existed and Milvus cannot add it; "
+                "re-index it into a new collection for lexical and hybrid modes"
+            )
+        expression = _filter_expression(name, layout, conditions_of(metadata_filter))
+        texts = list(queries)  # BM25 text has no syntax: Milvus's analyser splits it as it split the passages
+        asked = [position for position, text in enumerate(texts) if text.strip()]
+        results: list[list[Hit]] = [[] for _ in queries]
+        if not asked:
+            return results
+        with self._reading(name):
+            found = self._client.search(
+                layout.milvus_name,
+                data=[texts[position] for position in asked],
+                anns_field=BM25_FIELD,
+                limit=min(top_k, MAX_LIMIT),
+                filter=expression,
+                output_fields=_PASSAGE_FIELDS if include_passages else ["id"],
+                search_params={"metric_type": "BM25"},
+            )
+        for position, hits in zip(asked, found, strict=True):
+            # BM25 scores are positive; milvus-lite reports them negated.
+            results[position] = [
+                Hit(h.id, abs(h.score), h.passage) for h in (_hit(hit, include_passages) for hit in hits)
+            ]
+        return results
 
     def close(self) -> None:
         with self._write_lock:
@@ -364,6 +428,8 @@ class MilvusIndex(VectorIndex):
                 metric_type=METRIC,
                 params=dict(build),
             )
+        if layout.lexical:
+            params.add_index(field_name=BM25_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         return params
 
     @contextmanager
@@ -430,6 +496,17 @@ def _schema(layout: _Layout) -> Any:
     schema.add_field("title", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
     schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
     schema.add_field("metadata", DataType.JSON)
+    schema.add_field(NUMBERS_FIELD, DataType.JSON)
+    schema.add_field(
+        LEXICAL_FIELD, DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True, analyzer_params=ANALYZER
+    )
+    schema.add_field(BM25_FIELD, DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_function(
+        Function(
+            name="lexical_bm25", function_type=FunctionType.BM25, input_field_names=[LEXICAL_FIELD],
+            output_field_names=[BM25_FIELD],
+        )
+    )  # fmt: skip
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=layout.dimensions)
     for dimensions in layout.prefix_dimensions:
         schema.add_field(_vector_field(dimensions, layout.dimensions), DataType.FLOAT_VECTOR, dim=dimensions)
@@ -445,12 +522,14 @@ def _layout_of(name: str, milvus_name: str, description: Mapping[str, Any]) -> _
             "(no scholarembed.* properties or no vector field)"
         )
     prefixes = properties.get("scholarembed.prefix_dimensions", "")
+    field_names = {f.get("name") for f in description.get("fields", [])}
     return _Layout(
         milvus_name,
         int(vector["params"]["dim"]),
         properties["scholarembed.model"],
         IndexKind(properties["scholarembed.index_kind"]),
         tuple(sorted(int(d) for d in prefixes.split(",") if d)),
+        lexical={BM25_FIELD, NUMBERS_FIELD} <= field_names,
     )
 
 
@@ -476,10 +555,22 @@ def _rows(passages: Sequence[StoredPassage], vectors: np.ndarray, layout: _Layou
             "title": passage.title,
             "text": passage.text,
             "metadata": dict(passage.metadata),
+            **(_lexical_columns(passage) if layout.lexical else {}),
             **{field: matrix[row].tolist() for field, matrix in columns.items()},
         }
         for row, passage in enumerate(passages)
     ]
+
+
+def _lexical_columns(passage: StoredPassage) -> dict[str, Any]:
+    numbers = {key: as_number(value) for key, value in passage.metadata.items()}
+    # The analysed text is cut to Milvus's largest VARCHAR at a character boundary: words beyond it
+    # are stored (title, text) but not found by lexical search.
+    lexical = (passage.title + "\n" + passage.text).encode()[:MAX_TEXT_BYTES].decode(errors="ignore")
+    return {
+        LEXICAL_FIELD: lexical,
+        NUMBERS_FIELD: {key: number for key, number in numbers.items() if number is not None},
+    }
 
 
 def _padded(queries: np.ndarray, width: int) -> list[list[float]]:
@@ -499,13 +590,29 @@ def _id_filter(ids: Sequence[str]) -> str:
     return f"id in [{', '.join(_literal(i) for i in ids)}]"
 
 
-def _metadata_filter(metadata_filter: Mapping[str, str] | None) -> str:
-    """Exact match on every key; milvus-lite has no filter templates, so values are escaped literals."""
-    if not metadata_filter:
-        return ""
-    return " and ".join(
-        f"metadata[{_literal(key)}] == {_literal(value)}" for key, value in sorted(metadata_filter.items())
-    )
+def _filter_expression(name: str, layout: _Layout, conditions: Sequence[Condition]) -> str:
+    """Every condition (base.matches) in Milvus's expression language; milvus-lite has no filter
+    templates, so values are escaped literals and numbers Python's repr (finite, always parsed)."""
+    clauses = []
+    for condition in conditions:
+        value = f"metadata[{_literal(condition.key)}]"
+        if isinstance(condition, Equals):
+            clauses.append(f"{value} == {_literal(condition.value)}")
+        elif isinstance(condition, AnyOf):  # milvus-lite has no `in` on JSON values
+            clauses.append("(" + " or ".join(f"{value} == {_literal(v)}" for v in condition.values) + ")")
+        elif isinstance(condition, Range):
+            if not layout.lexical:
+                raise FailedPreconditionError(
+                    f"collection {name!r} was created before numeric ranges existed and Milvus cannot add "
+                    "them; re-index it into a new collection to filter by ranges"
+                )
+            number = f"{NUMBERS_FIELD}[{_literal(condition.key)}]"
+            for operator, bound in (
+                (">", condition.gt), (">=", condition.gte), ("<", condition.lt), ("<=", condition.lte)
+            ):  # fmt: skip
+                if bound is not None:
+                    clauses.append(f"{number} {operator} {float(bound)!r}")
+    return " and ".join(clauses)
 
 
 def _passage(row: Mapping[str, Any]) -> StoredPassage:
