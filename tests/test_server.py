@@ -194,7 +194,7 @@ def test_metrics_endpoint(tiny_server, client) -> None:
     )
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in (
-        'scholarembed_request_duration_seconds_count{code="OK",rpc="Embed"}',
+        'scholarembed_request_duration_seconds_count{code="OK",door="grpc",rpc="Embed"}',
         "scholarembed_queue_tokens",
         "scholarembed_batch_size_bucket",
         "scholarembed_batch_tokens_bucket",
