@@ -53,8 +53,7 @@ def test_deliberate_overload_gives_only_429_and_resource_exhausted(tmp_path, tin
         server.stop()
     print_report(report)
     failures = {k: v for k, v in report["outcomes"].items() if not k.endswith(" OK")}
-    assert "http-embed OK" in report["outcomes"] and "embed OK" in report["outcomes"]
-    assert failures, "the server was not overloaded: nothing to check"
+    assert "http-embed 429" in failures, "the HTTP door was not overloaded: nothing to check"
     assert set(failures) <= {"embed RESOURCE_EXHAUSTED", "http-embed 429"}, failures  # streams wait instead
 
 
@@ -88,7 +87,8 @@ def test_sigterm_drains_the_http_port_with_the_grpc_port(tmp_path, tiny_model_di
         stop.set()
         for future in futures:
             future.result(60)
+    output = server.output()
     server.stop()
     assert outcomes.count("200") >= 20
     assert set(outcomes) <= {"200", "503", "no answer"}, set(outcomes)  # answered in full, or refused clearly
-    assert "HTTP door" in server.output() and "stopped" in server.output()
+    assert "stopped" in output.splitlines()[-1]  # the batcher and index closed after both doors drained

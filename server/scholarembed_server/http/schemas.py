@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+UINT32_MAX = 2**32 - 1  # the protos' uint32 fields
+
 
 class EmbeddingsRequest(BaseModel):
     """OpenAI's embeddings request, plus NIM/vLLM's `input_type` and this model's `titles`."""
@@ -43,6 +45,7 @@ class EmbeddingsRequest(BaseModel):
     dimensions: int | None = Field(
         None,
         ge=1,
+        le=UINT32_MAX,
         description="Matryoshka output size, one of the model's matryoshka_dimensions; omitted: full size. "
         "Truncated vectors are re-normalised.",
     )
@@ -109,8 +112,10 @@ class SearchRequest(BaseModel):
         default_factory=list,
         description="Query texts, embedded with the query prompt: 1 to max_texts_per_request, each non-empty.",
     )
-    top_k: int = Field(0, ge=0, description="Hits per query: 1 to the server's max_top_k (default 1000).")
-    dimensions: int = Field(0, ge=0, description="Matryoshka dimension to search at; 0 means full size.")
+    top_k: int = Field(
+        0, ge=0, le=UINT32_MAX, description="Hits per query: 1 to the server's max_top_k (default 1000)."
+    )
+    dimensions: int = Field(0, ge=0, le=UINT32_MAX, description="Matryoshka dimension to search at; 0 means full size.")
     include_passages: bool = Field(False, description="Return each hit's title, text and metadata.")
     filter: dict[str, str] = Field(
         default_factory=dict, description="Exact-match metadata filter: every key must have exactly this value."
@@ -120,9 +125,9 @@ class SearchRequest(BaseModel):
 class Hit(BaseModel):
     id: str
     score: float = Field(description="Cosine similarity at the searched dimension, in [-1, 1].")
-    title: str | None = Field(None, description="With include_passages.")
-    text: str | None = Field(None, description="With include_passages.")
-    metadata: dict[str, str] | None = Field(None, description="With include_passages.")
+    title: str = Field("", description="With include_passages; else empty.")
+    text: str = Field("", description="With include_passages; else empty.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="With include_passages; else empty.")
 
 
 class QueryResult(BaseModel):
