@@ -140,6 +140,8 @@ def test_models_health_and_openapi(server) -> None:
     assert call(server.http_url + "/health/live")[2] == {"status": "alive"}
     assert call(server.http_url + "/health/ready")[:3:2] == (200, {"status": "ready"})
     assert call(server.http_url + "/health")[0] == 200
+    status, _, error = call(server.http_url + "/v1/nothing")
+    assert status == 404 and error["error"]["type"] == "not_found_error"
     openapi = call(server.http_url + "/openapi.json")[2]
     schemas = openapi["components"]["schemas"]
     assert {"EmbeddingsRequest", "EmbeddingsResponse", "SearchRequest", "SearchResponse", "ErrorResponse"} <= set(
@@ -234,6 +236,8 @@ SEARCH_ERRORS = [
     ({"collection": "http-search", "queries": ["q", ""], "top_k": 1}, 400, "queries[1]"),
     ({"collection": "http-search", "queries": ["q"]}, 400, "top_k"),
     ({"collection": "http-search", "queries": ["q"], "top_k": -1}, 400, "top_k"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 2**40}, 400, "top_k"),
+    ({"collection": "http-search", "query": "q", "top_k": 1}, 400, "query"),
     ({"collection": "http-search", "queries": ["q"], "top_k": 1, "dimensions": 7}, 400, "dimensions"),
 ]
 
@@ -275,6 +279,7 @@ def test_warming_up_and_draining_are_503(tiny_engine) -> None:
         assert call(url + "/health/ready")[0] == 503
         server.server.embedder.ready = True
         assert call(url + "/health/ready")[0] == 200
+        assert call(url + "/v1/search", "POST", {"collection": "c", "queries": ["q"], "top_k": 1})[0] == 501
     finally:
         server.stop()
     with pytest.raises(urllib.error.URLError):  # drained and closed with the gRPC port
