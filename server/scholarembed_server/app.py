@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +33,9 @@ from .index import open_index
 from .metrics import Metrics
 from .searcher import Searcher
 from .security import BearerTokenInterceptor, server_credentials
+
+if TYPE_CHECKING:
+    from .http import HttpDoor
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,12 @@ class EmbeddingServer:
                 SearchServicer(self.searcher, config, self.metrics), self.server
             )
             self.services.append(SEARCH_SERVICE)
+        self.http: HttpDoor | None = None
+        self.http_port: int | None = None
+        if config.http_port is not None:
+            from .http import HttpDoor  # the http extra (fastapi, uvicorn) is needed only with --http-port
+
+            self.http = HttpDoor(config, self.embedder, self.searcher, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -142,6 +152,8 @@ class EmbeddingServer:
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         self.batcher.start()
@@ -162,7 +174,8 @@ class EmbeddingServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s if grace is None else grace)
+        grace = self.config.grace_s if grace is None else grace
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         await self.batcher.close()
         self.embedder.close()
         if self.searcher is not None:

@@ -66,6 +66,13 @@ class ServerConfig:
     )
     auth_open_probes: bool = _opt(False, "with auth on, leave health checking and reflection open for probes")
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port (0 picks a free one)")
+    http_port: int | None = _opt(
+        None, "also serve the HTTP door (OpenAI /v1/embeddings, /v1/search, /health) on this port (0: a free one)"
+    )
+    http_max_body_bytes: int = _opt(16 * 1024 * 1024, "largest HTTP request body; beyond, 413")
+    http_default_input_type: str = _opt(
+        "passage", "prompt of an HTTP embeddings request that names neither input_type nor a :query/:passage model"
+    )
     log_format: str = _opt("text", "text or json (one JSON object per line, with request ids)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
 

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -26,8 +27,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
             "scholarembed_request_duration_seconds",
-            "RPC latency by method and gRPC status code.",
-            ["rpc", "code"],
+            "RPC latency by method, gRPC status code and door (grpc or http; HTTP calls carry the gRPC code "
+            "of their outcome, so one query counts errors on both).",
+            ["rpc", "code", "door"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -83,9 +85,12 @@ class Metrics:
         self.forward_seconds.observe(seconds)
 
     @contextlib.contextmanager
-    def track(self, rpc: str, context: grpc.aio.ServicerContext) -> Iterator[_Outcome]:
-        """Time and log an RPC under its request id; the handler sets outcome.code unless it ends OK."""
-        logs.request_id.set(logs.request_id_from(context.invocation_metadata()))
+    def track(
+        self, rpc: str, context: grpc.aio.ServicerContext | None, *, door: str = "grpc", metadata: Any = None
+    ) -> Iterator[_Outcome]:
+        """Time and log an RPC under its request id; the handler sets outcome.code unless it ends OK.
+        gRPC calls pass their context; other doors pass None and their headers as `metadata`."""
+        logs.request_id.set(logs.request_id_from(context.invocation_metadata() if context is not None else metadata))
         outcome = _Outcome()
         started = time.monotonic()
         try:
@@ -96,8 +101,8 @@ class Metrics:
             raise
         finally:
             seconds = time.monotonic() - started
-            self.request_seconds.labels(rpc, outcome.code.name).observe(seconds)
-            fields = {"rpc": rpc, "code": outcome.code.name, "duration_ms": round(seconds * 1000, 3)}
+            self.request_seconds.labels(rpc, outcome.code.name, door).observe(seconds)
+            fields = {"rpc": rpc, "code": outcome.code.name, "door": door, "duration_ms": round(seconds * 1000, 3)}
             level = logging.DEBUG if outcome.code is grpc.StatusCode.OK else logging.WARNING
             log.log(level, "%s %s in %.1f ms", rpc, outcome.code.name, seconds * 1000, extra={"fields": fields})
 

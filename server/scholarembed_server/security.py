@@ -35,6 +35,16 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def bearer_token_accepted(authorization: str, accepted_tokens: Sequence[bytes]) -> bool:
+    """Whether an `authorization` header or metadata value is `Bearer <one of the accepted tokens>`;
+    every door checks tokens with this."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # Compare with every token in constant time, so timing reveals nothing.
+    return any([hmac.compare_digest(token.encode(), accepted) for accepted in accepted_tokens])
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls without `authorization: Bearer <token>` for one of the accepted tokens (UNAUTHENTICATED)."""
 
@@ -47,11 +57,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                scheme, _, token = text.partition(" ")
-                if scheme.lower() == "bearer":
-                    # Compare with every token in constant time, so timing reveals nothing.
-                    return any([hmac.compare_digest(token.encode(), accepted) for accepted in self._tokens])
+                return bearer_token_accepted(value.decode() if isinstance(value, bytes) else value, self._tokens)
         return False
 
     async def intercept_service(

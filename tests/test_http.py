@@ -1,0 +1,377 @@
+"""The HTTP door, tested with clients nobody here wrote: the official openai SDK, LangChain's
+OpenAIEmbeddings and curl, against real servers on loopback, compared with the gRPC door's vectors."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+from conftest import InProcessServer
+from langchain_openai import OpenAIEmbeddings
+from prometheus_client import generate_latest
+from test_security import TOKEN, pki  # noqa: F401  (the module's certificate fixture)
+from tiny_model import WORDS
+
+from scholarembed import Client, Passage
+
+SAME = 0.99999
+MAX_TEXTS = 8
+MAX_BODY = 64 * 1024
+TEXTS = ["protein folding in the cell", "gene expression of tumor cells", "a cohort study of brain outcomes"]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, tmp_path_factory):
+    running = InProcessServer(
+        tiny_engine,
+        http_port=0,
+        data_dir=str(tmp_path_factory.mktemp("http-data")),
+        max_texts_per_request=MAX_TEXTS,
+        http_max_body_bytes=MAX_BODY,
+    )
+    running.http_url = f"http://127.0.0.1:{running.server.http_port}"
+    running.model_id = tiny_engine.model_id
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with Client(server.address) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
+
+
+def call(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, Any]:
+    """One raw HTTP call: (status, headers, parsed JSON body)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
+def test_openai_sdk_float_vectors_equal_the_grpc_servers(server, sdk, grpc_client) -> None:
+    response = sdk.embeddings.create(
+        model=server.model_id, input=TEXTS, encoding_format="float", extra_body={"input_type": "query"}
+    )
+    vectors = np.array([item.embedding for item in response.data])
+    assert [item.index for item in response.data] == [0, 1, 2]
+    assert cosine(vectors, grpc_client.embed_queries(TEXTS)).min() >= SAME
+    assert response.model == server.model_id
+    grpc_tokens = sum(grpc_client.embed(TEXTS, input_type="query").token_counts)
+    assert response.usage.prompt_tokens == response.usage.total_tokens == grpc_tokens
+
+
+def test_openai_sdk_base64_with_dimensions_and_titles(server, sdk, grpc_client) -> None:
+    titles = ["Folding", "", "Brains"]
+    expected = grpc_client.embed_passages(TEXTS, titles=titles, dimensions=32)
+    extra_body = {"input_type": "passage", "titles": titles}
+    # Asked for explicitly, base64 comes back as the string: little-endian float32, as OpenAI's.
+    explicit = sdk.embeddings.create(
+        model=server.model_id, input=TEXTS, encoding_format="base64", dimensions=32, extra_body=extra_body
+    )
+    decoded = np.array([np.frombuffer(base64.b64decode(item.embedding), dtype="<f4") for item in explicit.data])
+    assert decoded.shape == (3, 32) and cosine(decoded, expected).min() >= SAME
+    # Not asked for, the SDK requests base64 anyway and decodes it into floats.
+    default = sdk.embeddings.create(model=server.model_id, input=TEXTS, dimensions=32, extra_body=extra_body)
+    assert cosine(np.array([item.embedding for item in default.data]), expected).min() >= SAME
+
+
+def test_model_aliases_choose_the_prompt_and_the_default_is_passage(server, sdk, grpc_client) -> None:
+    def embed(**kwargs: Any) -> np.ndarray:
+        return np.array([item.embedding for item in sdk.embeddings.create(input=TEXTS, **kwargs).data])
+
+    queries, passages = grpc_client.embed_queries(TEXTS), grpc_client.embed_passages(TEXTS)
+    assert cosine(embed(model=f"{server.model_id}:query"), queries).min() >= SAME
+    assert cosine(embed(model=f"{server.model_id}:passage"), passages).min() >= SAME
+    assert cosine(embed(model=server.model_id), passages).min() >= SAME  # documented default
+    assert cosine(queries, passages).max() < SAME  # the prompts really differ
+
+
+def test_langchain_openai_embeddings(server, grpc_client) -> None:
+    def langchain(alias: str) -> OpenAIEmbeddings:
+        # check_embedding_ctx_length=False: send text, not tiktoken ids (tiktoken is OpenAI's tokenizer).
+        return OpenAIEmbeddings(
+            model=f"{server.model_id}:{alias}",
+            base_url=server.http_url + "/v1",
+            api_key="unused",
+            check_embedding_ctx_length=False,
+            max_retries=0,
+        )
+
+    documents = langchain("passage").embed_documents(TEXTS)
+    query = langchain("query").embed_query(TEXTS[0])
+    assert cosine(np.array(documents), grpc_client.embed_passages(TEXTS)).min() >= SAME
+    assert cosine(np.array([query]), grpc_client.embed_queries(TEXTS[:1])).min() >= SAME
+
+
+def test_models_health_and_openapi(server) -> None:
+    status, _, models = call(server.http_url + "/v1/models")
+    assert status == 200
+    assert [card["id"] for card in models["data"]] == [
+        server.model_id,
+        *(f"{server.model_id}:{a}" for a in ("query", "passage")),
+    ]
+    assert models["data"][0]["matryoshka_dimensions"] == [64, 32, 16]
+    assert call(server.http_url + "/health/live")[2] == {"status": "alive"}
+    assert call(server.http_url + "/health/ready")[:3:2] == (200, {"status": "ready"})
+    assert call(server.http_url + "/health")[0] == 200
+    status, _, error = call(server.http_url + "/v1/nothing")
+    assert status == 404 and error["error"]["type"] == "not_found_error"
+    openapi = call(server.http_url + "/openapi.json")[2]
+    schemas = openapi["components"]["schemas"]
+    assert {"EmbeddingsRequest", "EmbeddingsResponse", "SearchRequest", "SearchResponse", "ErrorResponse"} <= set(
+        schemas
+    )
+    assert {"input", "model", "dimensions", "encoding_format", "input_type", "titles", "user"} == set(
+        schemas["EmbeddingsRequest"]["properties"]
+    )
+    assert "429" in openapi["paths"]["/v1/embeddings"]["post"]["responses"]
+
+
+def test_search_mirrors_the_search_rpc(server, grpc_client) -> None:
+    passages = [Passage(id=f"p{i}", text=" ".join(WORDS[i : i + 10]), metadata={"n": str(i % 2)}) for i in range(30)]
+    grpc_client.upsert_passages("http-search", passages, batch_size=MAX_TEXTS)
+    expected = grpc_client.search("protein gene", collection="http-search", top_k=5, include_passages=True)
+    status, _, body = call(
+        server.http_url + "/v1/search",
+        "POST",
+        {"collection": "http-search", "queries": ["protein gene"], "top_k": 5, "include_passages": True},
+    )
+    assert status == 200
+    hits = body["results"][0]["hits"]
+    assert [hit["id"] for hit in hits] == [hit.id for hit in expected]
+    assert np.allclose([hit["score"] for hit in hits], [hit.score for hit in expected], atol=1e-6)
+    assert hits[0]["text"] == expected[0].text and hits[0]["metadata"] == dict(expected[0].metadata)
+    filtered = call(
+        server.http_url + "/v1/search",
+        "POST",
+        {"collection": "http-search", "queries": ["protein"], "top_k": 30, "filter": {"n": "1"}},
+    )[2]
+    assert {hit["id"] for hit in filtered["results"][0]["hits"]} == {f"p{i}" for i in range(1, 30, 2)}
+
+
+EMBEDDINGS_ERRORS = [
+    ("empty input", {"input": []}, 400, "input"),
+    ("empty string", {"input": ""}, 400, "input"),
+    ("one empty text", {"input": ["protein", "  "]}, 400, "input[1]"),
+    ("wrong dimension", {"input": "protein", "dimensions": 48}, 400, "dimensions"),
+    ("zero dimension", {"input": "protein", "dimensions": 0}, 400, "dimensions"),
+    ("too many texts", {"input": ["protein"] * (MAX_TEXTS + 1)}, 400, "input"),
+    ("token arrays", {"input": [[1, 2, 3]]}, 400, "input"),
+    ("not text", {"input": 5}, 400, "input"),
+    ("unknown encoding", {"input": "protein", "encoding_format": "float16"}, 400, "encoding_format"),
+    ("unknown input type", {"input": "protein", "input_type": "document"}, 400, "input_type"),
+    ("titles with queries", {"input": "protein", "input_type": "query", "titles": ["t"]}, 400, "titles"),
+    ("misspelt field", {"input": "protein", "dimension": 32}, 400, "dimension"),
+    ("unknown model", {"input": "protein", "model": "text-embedding-3-small"}, 404, "model"),
+    ("alias contradicts", {"input": "protein", "model": "tiny:query", "input_type": "passage"}, 400, "input_type"),
+    ("missing input", {"model": "tiny"}, 400, "input"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"), [case[1:] for case in EMBEDDINGS_ERRORS], ids=[c[0] for c in EMBEDDINGS_ERRORS]
+)
+def test_bad_embeddings_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param) -> None:
+    if body.get("model") == "tiny:query":
+        body = {**body, "model": f"{server.model_id}:query"}
+    got_status, _, error = call(server.http_url + "/v1/embeddings", "POST", body)
+    assert (got_status, error["error"]["param"]) == (status, param), error
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["message"].startswith(param)
+    assert error["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert call(server.http_url + "/v1/embeddings", "POST", {"input": "still serving"})[0] == 200
+
+
+def test_malformed_json_and_large_bodies(server) -> None:
+    url = server.http_url + "/v1/embeddings"
+    status, _, error = call(url, "POST", b'{"input": ["protein",')
+    assert status == 400 and error["error"]["code"] == "invalid_argument"
+    assert error["error"]["message"].startswith("malformed JSON")
+    big = {"input": ["protein " * 2000] * MAX_TEXTS}
+    status, _, error = call(url, "POST", big)
+    assert status == 413 and "--http-max-body-bytes" in error["error"]["message"]
+    # Without Content-Length (chunked), the limit holds as the body streams in.
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+    payload = json.dumps(big).encode()
+    chunks = (payload[i : i + 8192] for i in range(0, len(payload), 8192))
+    connection.request(
+        "POST", "/v1/embeddings", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True
+    )
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["type"] == "invalid_request_error"
+    connection.close()
+    assert call(url, "POST", {"input": "still serving"})[0] == 200
+
+
+SEARCH_ERRORS = [
+    ({"collection": "bad name!", "queries": ["q"], "top_k": 1}, 400, "collection"),
+    ({"collection": "absent", "queries": ["q"], "top_k": 1}, 404, None),
+    ({"collection": "http-search", "queries": [], "top_k": 1}, 400, "queries"),
+    ({"collection": "http-search", "queries": ["q", ""], "top_k": 1}, 400, "queries[1]"),
+    ({"collection": "http-search", "queries": ["q"]}, 400, "top_k"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": -1}, 400, "top_k"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 2**40}, 400, "top_k"),
+    ({"collection": "http-search", "query": "q", "top_k": 1}, 400, "query"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 1, "dimensions": 7}, 400, "dimensions"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), SEARCH_ERRORS)
+def test_bad_searches_get_the_search_rpcs_errors(server, grpc_client, body, status, param) -> None:
+    grpc_client.upsert_passages("http-search", [Passage(id="x", text="protein")])
+    got_status, _, error = call(server.http_url + "/v1/search", "POST", body)
+    assert (got_status, error["error"]["param"]) == (status, param), error
+
+
+def test_queue_full_is_429_with_retry_after(tiny_engine) -> None:
+    # A lone request is always admitted, so the queue is filled by a burst of them.
+    server = InProcessServer(tiny_engine, http_port=0, max_queue_tokens=40, max_wait_ms=50)
+    url = f"http://127.0.0.1:{server.server.http_port}/v1/embeddings"
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(5):
+                answers = list(pool.map(lambda _: call(url, "POST", {"input": ["protein gene cell"] * 4}), range(16)))
+                refused = [answer for answer in answers if answer[0] != 200]
+                if refused:
+                    break
+    finally:
+        server.stop()
+    assert refused, "the queue never filled: nothing to check"
+    for status, headers, error in refused:
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert error["error"]["type"] == "rate_limit_error" and error["error"]["code"] == "resource_exhausted"
+
+
+def test_warming_up_and_draining_are_503(tiny_engine) -> None:
+    server = InProcessServer(tiny_engine, http_port=0)
+    url = f"http://127.0.0.1:{server.server.http_port}"
+    try:
+        server.server.embedder.ready = False  # the flag warm-up sets: as the server is before its first batch
+        assert call(url + "/health/live")[0] == 200
+        status, headers, error = call(url + "/v1/embeddings", "POST", {"input": "protein"})
+        assert status == 503 and headers["Retry-After"] == "1" and "warming up" in error["error"]["message"]
+        assert call(url + "/health/ready")[0] == 503
+        server.server.embedder.ready = True
+        assert call(url + "/health/ready")[0] == 200
+        assert call(url + "/v1/search", "POST", {"collection": "c", "queries": ["q"], "top_k": 1})[0] == 501
+    finally:
+        server.stop()
+    with pytest.raises(urllib.error.URLError):  # drained and closed with the gRPC port
+        urllib.request.urlopen(url + "/health/live", timeout=5)
+
+
+def test_metrics_label_the_door(server, grpc_client) -> None:
+    grpc_client.embed_queries(["protein"])
+    call(server.http_url + "/v1/embeddings", "POST", {"input": "protein"})
+    call(server.http_url + "/v1/embeddings", "POST", {"input": ""})
+    exposition = generate_latest(server.server.metrics.registry).decode()
+    for series in (
+        'scholarembed_request_duration_seconds_count{code="OK",door="grpc",rpc="Embed"}',
+        'scholarembed_request_duration_seconds_count{code="OK",door="http",rpc="Embed"}',
+        'scholarembed_request_duration_seconds_count{code="INVALID_ARGUMENT",door="http",rpc="Embed"}',
+    ):
+        assert series in exposition
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n")
+    return path
+
+
+def test_curl_over_tls_with_a_token(tiny_engine, pki, token_file, grpc_client) -> None:  # noqa: F811
+    server = InProcessServer(
+        tiny_engine,
+        http_port=0,
+        tls_cert=str(pki["server_cert"]),
+        tls_key=str(pki["server_key"]),
+        auth_token_file=str(token_file),
+    )
+    url = f"https://localhost:{server.server.http_port}/v1/embeddings"
+
+    def curl(*headers: str, body: str = '{"input": ["protein folding"], "input_type": "query"}') -> tuple[int, Any]:
+        result = subprocess.run(
+            ["curl", "-sS", "--cacert", str(pki["ca"]), "-w", "\n%{http_code}", "-H", "Content-Type: application/json",
+             *[part for header in headers for part in ("-H", header)], "-d", body, url],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        text, _, code = result.stdout.rpartition("\n")
+        return int(code), json.loads(text)
+
+    try:
+        status, body = curl(f"Authorization: Bearer {TOKEN}")
+        assert status == 200
+        vector = np.array([body["data"][0]["embedding"]])
+        assert cosine(vector, grpc_client.embed_queries(["protein folding"])).min() >= SAME
+        for headers in ((), ("Authorization: Bearer wrong",), (f"Authorization: Basic {TOKEN}",)):
+            status, body = curl(*headers)
+            assert status == 401 and body["error"]["type"] == "authentication_error", body
+        plain = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url.replace("https", "http")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert plain.stdout != "200"  # TLS only: a plain-text request gets no answer
+        assert curl(f"Authorization: Bearer {TOKEN}")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_mtls_requires_a_client_certificate(tiny_engine, pki) -> None:  # noqa: F811
+    server = InProcessServer(
+        tiny_engine,
+        http_port=0,
+        tls_cert=str(pki["server_cert"]),
+        tls_key=str(pki["server_key"]),
+        tls_client_ca=str(pki["ca"]),
+    )
+    url = f"https://localhost:{server.server.http_port}/health/live"
+    try:
+        with_certificate = subprocess.run(
+            ["curl", "-sS", "--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key",
+             str(pki["client_key"]), url],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert json.loads(with_certificate.stdout) == {"status": "alive"}
+        without = subprocess.run(["curl", "-sS", "--cacert", str(pki["ca"]), url], capture_output=True, timeout=60)
+        assert without.returncode != 0
+    finally:
+        server.stop()
+
+
+def test_probes_open_without_a_token_when_asked(tiny_engine, token_file) -> None:
+    server = InProcessServer(tiny_engine, http_port=0, auth_token_file=str(token_file), auth_open_probes=True)
+    url = f"http://127.0.0.1:{server.server.http_port}"
+    try:
+        assert call(url + "/health/ready")[0] == 200
+        assert call(url + "/openapi.json")[0] == 200
+        assert call(url + "/v1/models")[0] == 401
+        assert call(url + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        server.stop()
