@@ -436,6 +436,7 @@ def _run_pool(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
+    context.raise_original_map_exception = True  # a CorpusError reaches the driver as itself, with its message
     if engine is not None:
         encoder: type[_ShardEncoder] = EngineShardEncoder
         arguments: dict[str, Any] = {"output": output, "settings": settings, "spec": engine,
@@ -472,12 +473,17 @@ def _run_pool(
 
 
 def _user_error(error: BaseException) -> BaseException:
-    """The error an actor raised on bad input, out of Ray's wrappers; anything else as it came."""
+    """The error an actor raised on bad input, out of Ray's RayTaskError (which keeps it in `.cause`);
+    anything else as it came."""
+    from ray.exceptions import RayError
+
     from ..errors import ScholarEmbedError
 
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, (CorpusError, ShardsError, ScholarEmbedError)):
-            return type(seen)(*seen.args) if type(seen).__module__.startswith("scholarembed") else seen
-        seen = seen.__cause__ or seen.__context__
+        # RayTaskError(CorpusError) is an instance of both; the plain one, further down, reads better.
+        if isinstance(seen, (CorpusError, ShardsError, ScholarEmbedError)) and not isinstance(seen, RayError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__ or seen.__context__
     return error
