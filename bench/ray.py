@@ -57,6 +57,8 @@ def main() -> int:
         del engine
 
         # Logical CPUs: twice the cores, so the actors' reservations never starve Ray Data's own tasks.
+        # Ray runs workers at nice 15 by default; the baseline runs at 0, so the actors must too.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=2 * args.cores, include_dashboard=False, log_to_driver=False)
         try:
             for actors in (1, 2):

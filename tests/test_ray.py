@@ -49,6 +49,7 @@ ACTOR = {"actors": 1, "cpus_per_actor": 0.5, "progress": False}
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, starves actors on a shared machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -40,10 +40,12 @@ from .shards import (
     Shard,
     ShardsError,
     completed_shards,
+    filesystem,
     plan_shards,
     read_json,
     read_shard_rows,
     remove_temporary_files,
+    uri_of,
     write_json,
     write_shard,
 )
@@ -193,10 +195,21 @@ def shard_metadata(model: dict[str, Any], settings: RunSettings) -> dict[str, An
 class _ShardEncoder:
     """The part both actor kinds share: one call per batch of shard descriptions, one summary row per shard."""
 
-    def __init__(self, output: str, settings: RunSettings) -> None:
+    def __init__(self, output: str, settings: RunSettings, expected: dict[str, Any]) -> None:
         self.output = output
         self.settings = settings
+        self.expected = expected  # what the driver's probe found; every actor must embed the same way
         self.metadata: dict[str, Any] = {}
+
+    def check_metadata(self) -> None:
+        """Refuse to write shards of another model or revision than the run's (a node with another
+        snapshot in its cache, a server of another model behind the same address)."""
+        if self.metadata != self.expected:
+            differs = sorted(k for k in self.expected if self.metadata.get(k) != self.expected[k])
+            raise ShardsError(
+                f"this actor embeds with {[self.metadata.get(k) for k in differs]} for {differs}; "
+                f"the run uses {[self.expected[k] for k in differs]}"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summaries: dict[str, list[Any]] = {"shard": [], "rows": [], "tokens": [], "pid": []}
@@ -219,8 +232,10 @@ class _ShardEncoder:
 class EngineShardEncoder(_ShardEncoder):
     """An actor holding the engine: one per GPU, or a CPU actor with `cpus` torch threads."""
 
-    def __init__(self, output: str, settings: RunSettings, spec: EngineSpec, cpus: float, gpus: float) -> None:
-        super().__init__(output, settings)
+    def __init__(
+        self, output: str, settings: RunSettings, expected: dict[str, Any], spec: EngineSpec, cpus: float, gpus: float
+    ) -> None:
+        super().__init__(output, settings, expected)
         import torch
 
         if gpus == 0:
@@ -229,6 +244,7 @@ class EngineShardEncoder(_ShardEncoder):
         self.engine = spec.load(device="cuda" if gpus > 0 else "cpu")
         self.engine.check_dimensions(settings.dimensions)
         self.metadata = shard_metadata(engine_metadata(self.engine), settings)
+        self.check_metadata()
 
     def embed(self, texts: list[str], titles: list[str] | None) -> tuple[np.ndarray, list[int], list[bool]]:
         from ..engine import InputType
@@ -246,11 +262,12 @@ class EngineShardEncoder(_ShardEncoder):
 class FleetShardEncoder(_ShardEncoder):
     """An actor that is a client of running servers; requests of one shard go out several at a time."""
 
-    def __init__(self, output: str, settings: RunSettings, fleet: FleetSpec) -> None:
-        super().__init__(output, settings)
+    def __init__(self, output: str, settings: RunSettings, expected: dict[str, Any], fleet: FleetSpec) -> None:
+        super().__init__(output, settings, expected)
         self.client = fleet.client()
         info = self.client.model_info()
         self.metadata = shard_metadata(fleet_metadata(info), settings)
+        self.check_metadata()
         # Requests stay well under the server's limits, so its batcher can mix them with others.
         self.texts_per_request = max(1, min(info.max_texts_per_request, 128))
         self.threads = ThreadPoolExecutor(fleet.requests_in_flight, thread_name_prefix="fleet")
@@ -278,13 +295,19 @@ class FleetShardEncoder(_ShardEncoder):
 
         for attempt in range(attempts):
             try:
-                return self.client.embed(
+                result = self.client.embed(
                     texts, input_type=self.settings.input_type, titles=titles, dimensions=self.settings.dimensions
                 )
             except (ResourceExhaustedError, UnavailableError):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(min(0.25 * 2**attempt, 10.0))
+                continue
+            if result.model != self.expected["model"]:  # each call may reach another server of the fleet
+                raise ShardsError(
+                    f"a server answered with model {result.model!r}; the run uses {self.expected['model']!r}"
+                )
+            return result
         raise AssertionError("unreachable")
 
 
@@ -327,7 +350,12 @@ def resolve_settings(
 def plan_or_resume(inputs: Sequence[str], output: str, settings: RunSettings, metadata: dict[str, Any]) -> list[Shard]:
     """The run's shards: planned and recorded on the first run, read back on a rerun (which must ask for
     the same thing: the same inputs, settings and model)."""
-    key = {"inputs": list(inputs), "settings": settings.manifest_key(), "model": metadata["model_source"]}
+    # Inputs as absolute paths or URIs, so a rerun from another folder is still the same run.
+    key = {
+        "inputs": [uri_of(*filesystem(source)) for source in inputs],
+        "settings": settings.manifest_key(),
+        "model": metadata["model_source"],
+    }
     manifest = read_json(output, MANIFEST)
     if manifest is not None:
         if manifest["key"] != key:
@@ -385,6 +413,9 @@ def embed_corpus(
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        # Ray starts its workers at nice 15: next to other work on the same machine, that starves the
+        # actors. A cluster started here runs them at normal priority; `ray start` clusters keep theirs.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, log_to_driver=False)
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -404,7 +435,9 @@ def embed_corpus(
             log.info("all %d shards of %s are complete", len(shards), output)
             return summary
         started = time.perf_counter()
-        pids = _run_pool(ray, pending, output, settings, engine, fleet, actors, resources, progress, summary, on_shard)
+        pids = _run_pool(
+            ray, pending, output, settings, metadata, engine, fleet, actors, resources, progress, summary, on_shard
+        )
         summary.seconds = time.perf_counter() - started
         summary.actor_processes = len(pids)
     finally:
@@ -423,6 +456,7 @@ def _run_pool(
     pending: list[Shard],
     output: str,
     settings: RunSettings,
+    expected: dict[str, Any],
     engine: EngineSpec | None,
     fleet: FleetSpec | None,
     actors: int,
@@ -439,10 +473,11 @@ def _run_pool(
     context.raise_original_map_exception = True  # a CorpusError reaches the driver as itself, with its message
     if engine is not None:
         encoder: type[_ShardEncoder] = EngineShardEncoder
-        arguments: dict[str, Any] = {"output": output, "settings": settings, "spec": engine,
+        arguments: dict[str, Any] = {"output": output, "settings": settings, "expected": expected, "spec": engine,
                                      "cpus": resources["num_cpus"], "gpus": resources["num_gpus"]}  # fmt: skip
     else:
-        encoder, arguments = FleetShardEncoder, {"output": output, "settings": settings, "fleet": fleet}
+        encoder = FleetShardEncoder
+        arguments = {"output": output, "settings": settings, "expected": expected, "fleet": fleet}
     # One block per shard, so any actor can take any shard; one shard per call.
     dataset = ray.data.from_items(
         [{"shard": json.dumps(s.to_json())} for s in pending], override_num_blocks=len(pending)

@@ -301,7 +301,7 @@ def vector_column(vectors: np.ndarray, encoding: str) -> pa.Array:
     """(n, d) float32 unit vectors as the shard's vector column in `encoding`."""
     if encoding == "binary":
         packed = np.packbits(vectors > 0, axis=1)  # MSB first, as the gRPC ENCODING_BINARY layout
-        return pa.array(list(packed), type=pa.binary(packed.shape[1]))
+        return pa.array([row.tobytes() for row in packed], type=pa.binary(packed.shape[1]))
     dtype = np.float16 if encoding == "float16" else np.float32
     values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])
