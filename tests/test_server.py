@@ -199,7 +199,10 @@ def test_metrics_move_with_the_calls_made(tiny_server) -> None:
         "padded_tokens": ("scholarembed_batch_tokens_sum", None),
         "forward_passes": ("scholarembed_forward_duration_seconds_count", None),
         "embed_ok": ("scholarembed_request_duration_seconds_count", {"door": "grpc", "rpc": "Embed", "code": "OK"}),
-        "embed_invalid": ("scholarembed_request_duration_seconds_count", {"door": "grpc", "rpc": "Embed", "code": "INVALID_ARGUMENT"}),
+        "embed_invalid": (
+            "scholarembed_request_duration_seconds_count",
+            {"door": "grpc", "rpc": "Embed", "code": "INVALID_ARGUMENT"},
+        ),
     }
 
     def snapshot() -> dict[str, float]:

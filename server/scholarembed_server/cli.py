@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument(
         "--input",
         required=True,
-        type=Path,
-        help="JSONL (text/title fields) or plain text, one text per line",
+        help="JSONL (text/title fields) or plain text, one text per line; with --engine ray: JSONL or Parquet "
+        "files, a folder of them, or a pyarrow URI (s3://...)",
     )
-    embed.add_argument("--output", required=True, type=Path, help="output .npy file, (n, dimensions) float32")
+    embed.add_argument(
+        "--output", required=True, help="output .npy file, (n, dimensions) float32; with --engine ray: a folder or URI"
+    )
     embed.add_argument("--type", default="passage", choices=["query", "passage", "raw"], help="input type")
     embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka dimension; 0 = full size")
     embed.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="run in-process with this model (hub id or folder) instead of a server")
     embed.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .ray.cli import add_embed_arguments, add_load_command
+
+    add_embed_arguments(embed)
+    add_load_command(commands)
 
     info = commands.add_parser("info", help="print the model info of a running server")
     info.add_argument("--server", default="127.0.0.1:50051")
@@ -96,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         return index_corpus(args)
     if args.command == "search":
         return search_table(args)
+    if args.command == "load":
+        from .ray.cli import load_command
+
+        return load_command(args)
+    if args.command == "embed" and args.engine == "ray":
+        from .ray.cli import embed_with_ray
+
+        return embed_with_ray(args)
     if args.command == "eval":
         from .evaluation import evaluate_beir
 
@@ -202,6 +216,7 @@ def embed_file(args: argparse.Namespace) -> int:
     """Write vectors into a preallocated .npy memmap as they arrive: memory stays flat on any corpus size."""
     from tqdm import tqdm
 
+    args.input = Path(args.input)
     total = count_items(args.input)
     items = read_items(args.input, args.type, args.text_field, args.title_field)
     if args.model:

@@ -36,6 +36,7 @@ Matryoshka dimension is built from the stored prefix, re-normalised, on first us
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -48,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import grpc
 import numpy as np
 
+from ..errors import ScholarEmbedError
 from .base import (
     AnyOf,
     CollectionInfo,
@@ -576,12 +579,35 @@ def _rows_of(db: sqlite3.Connection, ids: Sequence[str]) -> list[int]:
     return rows
 
 
+class DataDirInUseError(ScholarEmbedError):
+    """Another process (a running server, a `scholarembed load`) has the data directory open."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """Hold a POSIX lock on <data_dir>/.lock for as long as the store is open. One process at a time:
+    two writers would each append to vectors.bin unseen by the other. POSIX (not flock) locks belong to
+    the process, so reopening in the same process, as tests that simulate a crash do, still works."""
+    lock = (data_dir / ".lock").open("a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        lock.close()
+        raise DataDirInUseError(
+            f"data dir {str(data_dir)!r} is in use by another process (a running server or a load); "
+            "stop it first, or load through that server"
+        ) from error
+    return lock
+
+
 class EmbeddedIndex(VectorIndex):
     """Collections under one data directory; the default store (`--data-dir`)."""
 
     def __init__(self, data_dir: str | Path, *, search_device: str = "cpu") -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_dir_lock = _lock_data_dir(self.data_dir)
         self.search_device = search_device
         self._lock = threading.Lock()
         self._collections: dict[str, _Collection] = {}
@@ -714,3 +740,4 @@ class EmbeddedIndex(VectorIndex):
             for collection in self._collections.values():
                 collection.close()
             self._collections.clear()
+            self._data_dir_lock.close()
