@@ -325,8 +325,11 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
 
 
-def start_server(model_dir: Path, log_path: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str, float]:
-    """`scholarembed serve` in its own process: (process, address, seconds until SERVING, compilation included)."""
+def start_server(
+    model_dir: Path, log_path: Path, flags: list[str], *, wait_compiled: bool = False
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """`scholarembed serve` in its own process: (process, address, seconds until SERVING). With `wait_compiled`,
+    until every bucket length is compiled too: the server serves eagerly before, which would blur the figures."""
     from scholarembed import Client
 
     port_file = log_path.with_suffix(".port")
@@ -356,6 +359,10 @@ def start_server(model_dir: Path, log_path: Path, flags: list[str]) -> tuple[sub
             raise RuntimeError(f"server exited:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.1)
     address = f"127.0.0.1:{port_file.read_text()}"
+    while wait_compiled and "bucket lengths compiled" not in log_path.read_text():
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.1)
     with Client(address) as client:
         client.model_info()
     return server, address, time.perf_counter() - started
@@ -577,7 +584,7 @@ def arch_main(args: argparse.Namespace) -> None:
     ]
     log_path = args.output / f"server-{args.arch}.log"
     args.output.mkdir(parents=True, exist_ok=True)
-    server, address, timings["server_start_s"] = start_server(model_dir, log_path, flags)
+    server, address, timings["server_start_s"] = start_server(model_dir, log_path, flags, wait_compiled=compiling)
     try:
         vectors, seconds = stream_passages(address, passages, args.batch_size, args.in_flight)
         assert cosine_min(vectors, reference) > minimum_cosine

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -24,7 +25,8 @@ from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, searc
 
 from .batcher import Batcher
 from .buckets import LengthBuckets, Tail
-from .config import ServerConfig
+from .compilation import load_artifacts
+from .config import ServerConfig, batch_token_budget
 from .embedder import TextEmbedder
 from .engine import EmbeddingEngine, use_compile_cache
 from .grpc.embedding import EmbeddingServicer
@@ -66,10 +68,12 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
         return engine
     if compiling:
         use_compile_cache(config.compile_cache_dir)
+        if config.compile_artifacts:
+            load_artifacts(config.compile_artifacts)
     buckets = LengthBuckets.create(
         None if config.buckets in ("auto", "on") else config.buckets,
         max_tokens=engine.max_tokens,
-        max_batch_tokens=config.max_batch_tokens,
+        max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type),
         tail=Tail(config.tail),
         row_step=config.bucket_row_step,
     )
@@ -78,6 +82,7 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
         buckets,
         compile_mode=config.compile_mode if compiling else None,
         cuda_graph_max_tokens=config.cuda_graph_max_tokens,
+        compile_scope=config.compile_scope,
     )
 
 
@@ -85,6 +90,9 @@ class EmbeddingServer:
     """A running scholarembed server. Build it with `create_server`."""
 
     def __init__(self, config: ServerConfig, engine: EmbeddingEngine) -> None:
+        config = dataclasses.replace(
+            config, max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type)
+        )
         self.config = config
         self.engine = engine = with_buckets(engine, config)
         self.metrics = Metrics()
@@ -157,9 +165,13 @@ class EmbeddingServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         self.batcher.start()
-        await self.batcher.warmup()
+        # Compiling layers: SERVING once the eager path is warm; lengths switch to compiled as they become ready.
+        serve_early = self.engine.compiles_layers
+        await self.batcher.warmup(compile=not serve_early)
         self.embedder.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if serve_early:
+            self.batcher.compile_in_background()
         if self.config.port_file:
             Path(self.config.port_file).write_text(str(self.port))
         log.info(

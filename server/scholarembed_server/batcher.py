@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,7 @@ class Batcher:
         self._finishing: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._stop_compiling = threading.Event()
 
     @property
     def queued_tokens(self) -> int:
@@ -104,14 +106,41 @@ class Batcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def warmup(self) -> None:
-        """Warm the engine up (compiling its bucket shapes, if any) in the thread that will run the model:
-        CUDA graphs are recorded per thread."""
-        await asyncio.get_running_loop().run_in_executor(self._model_thread, self._engine.warmup)
+    async def warmup(self, *, compile: bool = True) -> None:
+        """Warm the engine up (compiling its bucket shapes, if any, unless not `compile`) in the thread that
+        will run the model: CUDA graphs are recorded per thread."""
+        await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, lambda: self._engine.warmup(compile=compile)
+        )
+
+    def compile_in_background(self) -> threading.Thread:
+        """Compile the engine's bucket lengths (compile_scope "layers") in a thread of their own while the
+        model thread serves: a batch whose length is not ready runs eager, then switches to compiled.
+        No CUDA graphs are recorded on this path, so compiling off the model thread is safe."""
+
+        def on_length(length: int, state: str) -> None:
+            if self._metrics:
+                self._metrics.compiled_lengths.set(len(self._engine.regional.ready))
+
+        assert self._engine.buckets is not None
+        log.info(
+            "serving now: batches run eager until their bucket length is compiled (%d lengths: %s)",
+            len(self._engine.buckets.lengths),
+            self._engine.buckets.lengths,
+        )
+        thread = threading.Thread(
+            target=self._engine.compile_buckets,
+            kwargs={"stop": self._stop_compiling, "on_length": on_length},
+            name="compile",
+            daemon=True,  # a compilation in progress must not hold up the process's exit
+        )
+        thread.start()
+        return thread
 
     async def close(self) -> None:
-        """Stop taking work, finish what is queued, stop the worker."""
+        """Stop taking work, finish what is queued, stop the worker (and compiling, between lengths)."""
         self._closed = True
+        self._stop_compiling.set()
         while self._queued_tokens:
             self._room_freed.clear()
             await self._room_freed.wait()
@@ -200,6 +229,8 @@ class Batcher:
                 log.exception("forward pass failed for a batch of %d", len(batch))
             self._fail(batch, error)
             return
+        if pending.eager_reason is not None and self._metrics:
+            self._metrics.eager_batches.labels(pending.eager_reason).inc()
         if pending.ready:
             self._deliver(batch, pending.wait(), started)
             self._launch_slots.release()

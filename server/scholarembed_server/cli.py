@@ -1,4 +1,5 @@
-"""`scholarembed` command line: serve, embed (bulk, through a server or in-process), info.
+"""`scholarembed` command line: serve, compile (ahead, for replicas), embed (bulk, through a server or
+in-process), info.
 
 torch and transformers are imported only by the commands that need them, so `scholarembed embed
 --server ...` and `scholarembed info` work with the light client install.
@@ -28,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import add_arguments
 
     add_arguments(serve)
+
+    compile_ahead = commands.add_parser(
+        "compile", help="compile the bucket shapes ahead into a folder that serve loads (--compile-artifacts)"
+    )
+    add_arguments(compile_ahead)  # serve's flags: the shapes compiled are the ones serve will run
+    compile_ahead.add_argument("--output", required=True, type=Path, help="folder for the compile artifacts")
 
     embed = commands.add_parser("embed", help="bulk-encode a JSONL or text file into a .npy matrix")
     embed.add_argument(
@@ -86,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import logs
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
-    if args.command == "serve":
-        from .app import serve as run_server
-        from .config import from_arguments
+    if args.command in ("serve", "compile"):
+        from .errors import ScholarEmbedError
 
-        asyncio.run(run_server(from_arguments(args)))
-        return 0
+        try:
+            return serve_or_compile(args)
+        except (ScholarEmbedError, ValueError, OSError) as error:
+            # Start-up failures (model not found, no CUDA, a bad flag value, a busy port): one line, no traceback.
+            print(f"scholarembed {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 1
     if args.command == "info":
         from scholarembed import Client
 
@@ -116,6 +126,44 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(evaluate_beir(args), indent=2))
         return 0
     return embed_file(args)
+
+
+def serve_or_compile(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .app import load_engine, with_buckets
+    from .app import serve as run_server
+    from .config import batch_token_budget, from_arguments
+
+    config = from_arguments(args)
+    if args.command == "serve":
+        asyncio.run(run_server(config))
+        return 0
+    from .compilation import save_artifacts
+
+    engine = load_engine(config)
+    config = dataclasses.replace(
+        config,
+        compile="on",
+        max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type),
+    )
+    engine = with_buckets(engine, config)
+    engine.warmup()  # compiles every bucket length (or shape, with --compile-scope whole)
+    assert engine.buckets is not None
+    path = save_artifacts(
+        args.output,
+        {
+            "model": engine.source,
+            "device": str(engine.device),
+            "dtype": engine.dtype_name,
+            "compile_scope": engine.compile_scope,
+            "compile_mode": engine.compile_mode,
+            "bucket_lengths": list(engine.buckets.lengths),
+            "max_batch_tokens": engine.buckets.max_batch_tokens,
+        },
+    )
+    print(f"wrote {path} ({path.stat().st_size} bytes, {engine.compile_seconds:.1f}s of compiling)", file=sys.stderr)
+    return 0
 
 
 def read_corpus(path: Path) -> Iterator[dict[str, Any]]:

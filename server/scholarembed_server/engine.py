@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buckets import LengthBuckets
+from .compilation import MIN_DYNAMIC_ROWS, RegionalCompiler, fx_graph_cache_counts, graphs_compiled
 from .errors import InvalidArgumentError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -119,10 +121,12 @@ class PendingVectors:
     """The vectors of a launched batch. On CUDA they are still being computed and copied to pinned host
     memory when `launch` returns; `wait()` blocks until they are there. Elsewhere they are ready."""
 
-    def __init__(self, host: torch.Tensor, rows: int, done: Any = None) -> None:
+    def __init__(self, host: torch.Tensor, rows: int, done: Any = None, eager_reason: str | None = None) -> None:
         self._host = host  # (padded rows, dims) float32 on the host
         self._rows = rows  # real rows: dummy rows beyond them are dropped
         self._done = done  # a torch.cuda.Event recorded after the copy, or None
+        # Why a compiled engine ran this batch eagerly: "compiling" (its length is not ready yet) or "failed".
+        self.eager_reason = eager_reason
 
     @classmethod
     def of(cls, vectors: np.ndarray) -> PendingVectors:
@@ -259,9 +263,14 @@ class EmbeddingEngine:
     # Static bucket shapes (see `with_buckets`); None runs every batch eagerly at its own shape.
     buckets: LengthBuckets | None = None
     compile_mode: str | None = None  # torch.compile mode for the bucket shapes; None: eager
+    # "layers": the repeated layer, compiled once per bucket length (dynamic rows); "whole": the whole
+    # forward, compiled once per static shape (the former design, kept for comparison and CUDA graphs).
+    compile_scope: str = "layers"
+    compile_backend: str | Callable[..., Any] = "inductor"  # torch.compile backend (tests count graphs with "eager")
     cuda_graph_max_tokens: int = 0  # shapes up to this many padded tokens replay CUDA graphs (CUDA only)
     compile_seconds: float = field(default=0.0, init=False)
-    _compiled: dict[bool, Callable[..., torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    # Compiled functions: per CUDA-graph use (True/False) under scope "whole", "regional" under "layers".
+    _compiled: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
     _copy_stream: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -399,17 +408,47 @@ class EmbeddingEngine:
         return self._embed(input_ids, attention_mask).cpu().numpy()
 
     def with_buckets(
-        self, buckets: LengthBuckets, *, compile_mode: str | None = None, cuda_graph_max_tokens: int = 0
+        self,
+        buckets: LengthBuckets,
+        *,
+        compile_mode: str | None = None,
+        cuda_graph_max_tokens: int = 0,
+        compile_scope: str = "layers",
+        compile_backend: str | Callable[..., Any] = "inductor",
     ) -> EmbeddingEngine:
         """A copy sharing this model and tokenizer that runs every batch in a static bucket shape,
-        compiled with torch.compile(mode=compile_mode) unless that is None. `warmup` compiles them all;
-        a copy with the same compile settings shares this engine's compilations (a shape compiles once)."""
+        compiled with torch.compile(mode=compile_mode) unless that is None: per bucket length, its
+        repeated layer (compile_scope "layers"), or per shape, the whole forward ("whole"). `warmup`
+        compiles them all; a copy with the same compile settings shares this engine's compilations."""
+        if compile_scope not in ("layers", "whole"):
+            raise ValueError(f"compile scope {compile_scope!r}: use layers or whole")
+        settings = (compile_mode, cuda_graph_max_tokens, compile_scope, compile_backend)
         copy = dataclasses.replace(
-            self, buckets=buckets, compile_mode=compile_mode, cuda_graph_max_tokens=cuda_graph_max_tokens
+            self,
+            buckets=buckets,
+            compile_mode=compile_mode,
+            cuda_graph_max_tokens=cuda_graph_max_tokens,
+            compile_scope=compile_scope,
+            compile_backend=compile_backend,
         )
-        if (compile_mode, cuda_graph_max_tokens) == (self.compile_mode, self.cuda_graph_max_tokens):
+        if settings == (self.compile_mode, self.cuda_graph_max_tokens, self.compile_scope, self.compile_backend):
             copy._compiled = self._compiled
         return copy
+
+    @property
+    def compiles_layers(self) -> bool:
+        return self.buckets is not None and self.compile_mode is not None and self.compile_scope == "layers"
+
+    @property
+    def regional(self) -> RegionalCompiler:
+        """The compiled layer and its per-length readiness (compile_scope "layers"), shared by copies."""
+        if "regional" not in self._compiled:
+            self._compiled["regional"] = RegionalCompiler(
+                self.model, mode=self.compile_mode, backend=self.compile_backend
+            )
+        compiler = self._compiled["regional"]
+        assert isinstance(compiler, RegionalCompiler)
+        return compiler
 
     def plan(self, lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
         """Row indices grouped into batches: by bucket (with the buckets' own budget) when buckets are on,
@@ -431,11 +470,22 @@ class EmbeddingEngine:
         if self.buckets is None or longest > self.buckets.lengths[-1]:
             return PendingVectors.of(self.forward(batch))
         rows, length = self.buckets.shape_for(len(batch), longest)
+        if self.compiles_layers:
+            state = self.regional.state(length)
+            if state != "ready":  # never worse than eager: the batch runs at its own shape meanwhile
+                pending = PendingVectors.of(self.forward(batch))
+                pending.eager_reason = state
+                return pending
+            rows = max(rows, MIN_DYNAMIC_ROWS)
         pinned = self.device.type == "cuda"
         input_ids, attention_mask = self._padded(batch, rows, length, pin_memory=pinned)
         attention_mask[len(batch) :, 0] = 1  # dummy rows: one pad token each, so no row is fully masked
         input_ids, attention_mask = self._to_device(input_ids, attention_mask)
-        vectors = self._bucket_function(rows * length)(input_ids, attention_mask)
+        if self.compiles_layers:
+            with self.regional.active():
+                vectors = self._embed(input_ids, attention_mask)
+        else:
+            vectors = self._bucket_function(rows * length)(input_ids, attention_mask)
         if not pinned:
             return PendingVectors(vectors.cpu(), len(batch))
         host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
@@ -472,7 +522,7 @@ class EmbeddingEngine:
             dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * shapes + 64)
             function = self._embed_graphed if graphed else self._embed
             mode = "reduce-overhead" if graphed else self.compile_mode
-            self._compiled[graphed] = torch.compile(function, mode=mode, dynamic=False)
+            self._compiled[graphed] = torch.compile(function, mode=mode, dynamic=False, backend=self.compile_backend)
         compiled = self._compiled[graphed]
         if not graphed:
             return compiled
@@ -562,16 +612,22 @@ class EmbeddingEngine:
             )
         return dimensions
 
-    def warmup(self) -> None:
+    def warmup(self, *, compile: bool = True) -> None:
         """Run the shortest and the longest input once, so the first request pays no allocation cost.
 
         With buckets, run every bucket shape once: this is when they are compiled (or loaded from the
         compile cache), so no request ever waits for a compilation. `compile_seconds` says how long it took.
+        With compile_scope "layers" and compile=False only the eager path is warmed: `compile_buckets`
+        (e.g. in another thread) compiles the lengths later, while batches of the rest run eager.
         """
         short = self.tokenize(["warmup"])[0].ids
         self.forward([short])
         self.forward([(short * self.max_tokens)[: self.max_tokens]])
         if self.buckets is None:
+            return
+        if self.compiles_layers:
+            if compile:
+                self.compile_buckets()
             return
         started = time.perf_counter()
         for rows, length in self.buckets.shapes():
@@ -586,6 +642,67 @@ class EmbeddingEngine:
             f"torch.compile mode {self.compile_mode}" if self.compile_mode else "eager",
         )
 
+    def compile_buckets(
+        self, stop: threading.Event | None = None, on_length: Callable[[int, str], None] | None = None
+    ) -> None:
+        """Compile the repeated layer for every bucket length not compiled yet, shortest first (compile_scope
+        "layers"). A length whose compilation fails is logged and stays eager; `on_length(length, state)`
+        follows each length; `stop` ends the loop between lengths."""
+        assert self.buckets is not None and self.compiles_layers
+        started = time.perf_counter()
+        graphs_before = graphs_compiled()
+        for length in self.buckets.lengths:
+            if stop is not None and stop.is_set():
+                return
+            if self.regional.state(length) == "compiling":
+                self.compile_length(length)
+                if on_length is not None:
+                    on_length(length, self.regional.state(length))
+        self.compile_seconds = time.perf_counter() - started
+        log.info(
+            "%d of %d bucket lengths compiled (%d graphs, torch.compile mode %s) in %.1fs%s",
+            len(self.regional.ready),
+            len(self.buckets.lengths),
+            graphs_compiled() - graphs_before,
+            self.compile_mode,
+            self.compile_seconds,
+            f"; eager for good: {sorted(self.regional.failed)}" if self.regional.failed else "",
+        )
+
+    def compile_length(self, length: int) -> None:
+        """Compile (or load from the cache) the layer for one bucket length, at its smallest and largest row
+        counts, then mark it ready; on failure mark it failed, and log why either way."""
+        assert self.buckets is not None
+        regional = self.regional
+        started = time.perf_counter()
+        graphs_before = graphs_compiled()
+        hits_before, misses_before = fx_graph_cache_counts()
+        short = self.tokenize(["warmup"])[0].ids
+        ladder = self.buckets.row_ladder(length)
+        try:
+            with torch.inference_mode(), regional.active():
+                for rows in sorted({max(ladder[0], MIN_DYNAMIC_ROWS), max(ladder[-1], MIN_DYNAMIC_ROWS)}):
+                    input_ids, attention_mask = self._padded([short] * rows, rows, length)
+                    attention_mask[:, : len(short)] = 1
+                    input_ids, attention_mask = self._to_device(input_ids, attention_mask)
+                    self._embed(input_ids, attention_mask)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as error:  # e.g. an inductor failure: this length stays eager, the server serves
+            regional.failed[length] = _root_cause(error)
+            log.warning("bucket length %d runs eager: its compilation failed (%s)", length, regional.failed[length])
+            return
+        regional.ready.add(length)
+        hits, misses = fx_graph_cache_counts()
+        log.info(
+            "bucket length %d compiled in %.1fs: %d graphs, %d loaded from the compile cache, %d compiled anew",
+            length,
+            time.perf_counter() - started,
+            graphs_compiled() - graphs_before,
+            hits - hits_before,
+            misses - misses_before,
+        )
+
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
@@ -594,6 +711,14 @@ class EmbeddingEngine:
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad) if pad is not None else 0
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception of a chain, in one line: dynamo wraps a backend's error in its own."""
+    while error.__cause__ is not None or getattr(error, "inner_exception", None) is not None:
+        error = error.__cause__ or error.inner_exception  # type: ignore[attr-defined]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _resolve_device(device: str) -> str:

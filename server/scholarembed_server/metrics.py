@@ -72,6 +72,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.compiled_lengths = Gauge(
+            "scholarembed_compiled_bucket_lengths",
+            "Bucket lengths whose compiled forward is ready; batches of the others run eager.",
+            registry=self.registry,
+        )
+        self.eager_batches = Counter(
+            "scholarembed_eager_fallback_batches",
+            "Batches a compiled engine ran eager, by reason: compiling (length not ready yet) or failed.",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def watch_index(self, index: VectorIndex) -> None:
         """Report passages per collection, read from the store at scrape time (nothing on the write path)."""
         self.registry.register(_IndexSizeCollector(index))
