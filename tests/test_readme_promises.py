@@ -191,24 +191,24 @@ def test_a_response_larger_than_max_message_bytes_is_resource_exhausted(configur
 
 
 def test_json_logs_carry_request_ids_and_echo_the_callers(configured_server) -> None:
+    def failed_embeds() -> list[dict[str, Any]]:
+        entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
+        return [e for e in entries if e.get("rpc") == "Embed" and e.get("code") == "INVALID_ARGUMENT"]
+
+    earlier = len(failed_embeds())  # other tests' failed calls on this server were logged too
     bad = pb.EmbedRequest(texts=["protein"])  # no input_type: logged as a warning with its request id
     with grpc.insecure_channel(configured_server.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         for metadata in ((("x-request-id", "trace-readme-42"),), ()):
             with pytest.raises(grpc.RpcError):
                 stub.Embed(bad, metadata=metadata, timeout=60)
-
-    def embed_lines() -> list[dict[str, Any]]:
-        entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
-        return [e for e in entries if e.get("rpc") == "Embed" and e.get("code") == "INVALID_ARGUMENT"]
-
-    wait_for(lambda: len(embed_lines()) >= 2, message="no JSON log lines for the two failed calls")
+    wait_for(lambda: len(failed_embeds()) >= earlier + 2, message="no JSON log lines for the two failed calls")
+    echoed, generated = failed_embeds()[earlier : earlier + 2]
+    assert echoed["request_id"] == "trace-readme-42"  # the caller's x-request-id
+    assert re.fullmatch(r"[0-9a-f]{16}", generated["request_id"])  # made up when the caller sends none
     entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
     assert any("serving" in e["message"] for e in entries)  # start-up lines are JSON as well
     assert all({"time", "level", "logger", "request_id", "message"} <= e.keys() for e in entries)
-    echoed, generated = embed_lines()[-2:]
-    assert echoed["request_id"] == "trace-readme-42"  # the caller's x-request-id
-    assert re.fullmatch(r"[0-9a-f]{16}", generated["request_id"])  # made up when the caller sends none
 
 
 # -- the client's connection options ---------------------------------------------------------------

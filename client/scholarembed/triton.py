@@ -155,11 +155,12 @@ class _TritonOptions:
             if tls or root_certificates or certificate_chain
             else None
         )
-        self.channel_args = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *channel_options,
-        ]
+        defaults: dict[str, Any] = {
+            "grpc.max_receive_message_length": max_message_bytes,
+            "grpc.max_send_message_length": max_message_bytes,
+        }
+        # gRPC takes the first value given for a key, so the caller's options replace these, not follow them.
+        self.channel_args = list({**defaults, **dict(channel_options)}.items())
         self.max_rows: int | None = None  # the model's max_batch_size, read on first use
 
     @staticmethod
