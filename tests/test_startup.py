@@ -105,6 +105,7 @@ def test_every_default_shape_is_covered_by_one_graph_per_bucket_length_and_layer
     assert_one_graph_per_length_and_layer_kind(engine, buckets)
 
 
+@pytest.mark.slow  # dynamo traces the whole model (masks, rotary, 2 layers, pooling) once per shape
 def test_the_former_whole_forward_design_compiles_once_per_shape(tiny_model_dir) -> None:
     torch._dynamo.reset()
     engine = fresh_engine(tiny_model_dir)
@@ -173,7 +174,7 @@ def test_a_failed_compilation_leaves_its_length_eager_with_a_log_line_and_a_metr
     assert "bucket length 32 runs eager: its compilation failed" in caplog.text
     assert "injected failure at length 32" in caplog.text
     metrics = Metrics()
-    rows = rows_of(engine, [20, 3, 1])  # longest 20 words: the 32-token bucket
+    rows = [row[:24] for row in rows_of(engine, [40, 3, 1])]  # longest 24 tokens: the 32-token bucket
 
     async def run() -> np.ndarray:
         batcher = Batcher(compiled, max_batch_tokens=128, max_queue_tokens=10_000, max_wait_s=0, metrics=metrics)
@@ -203,7 +204,7 @@ def test_the_server_serves_eagerly_while_compiling_then_switches_to_compiled(tin
             eager = {"reason": "compiling"}
             assert metrics.registry.get_sample_value("scholarembed_eager_fallback_batches_total", eager)
             release.set()
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 300
             while len(compiled.regional.ready) < len(buckets.lengths) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert compiled.regional.ready == set(buckets.lengths)
