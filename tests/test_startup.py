@@ -120,16 +120,16 @@ def test_the_former_whole_forward_design_compiles_once_per_shape(tiny_model_dir)
 
 def test_compiled_layers_equal_the_eager_reference_dummy_rows_and_full_rows_included(tiny_model_dir) -> None:
     engine = fresh_engine(tiny_model_dir)
-    buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=128)
+    buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=256)
     compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager")
     compiled.compile_buckets()
-    for word_counts in ([1, 12, 3], [2], [9] * 8, [40, 1]):  # a dummy row; one row (run as two); 8 of 8
+    for word_counts in ([1, 12, 3], [2], [9] * 8, [40, 1]):  # dummy rows; one row (run as two); longer ones
         rows = rows_of(engine, word_counts)
         pending = compiled.launch(rows)
         assert pending.eager_reason is None
         assert cosine(pending.wait(), eager_reference(engine, rows)).min() >= ORACLE
     # A full batch without padding: transformers drops the mask, the compiled layer gets an all-true one.
-    exact = [row[:16] for row in rows_of(engine, [30] * 8)]
+    exact = [row[:16] for row in rows_of(engine, [30] * 16)]  # 16 rows of 16 tokens: the full 16 x 16 shape
     assert {len(row) for row in exact} == {16}
     assert cosine(compiled.launch(exact).wait(), eager_reference(engine, exact)).min() >= ORACLE
 
