@@ -58,7 +58,7 @@ def long_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab_size=400,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,  # a sliding-window layer and a full-attention one: both of Gemma3's kinds
+        num_hidden_layers=6,  # Gemma3's pattern: five sliding-window layers, then a full-attention one
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
@@ -75,8 +75,9 @@ def fresh_engine(folder: Path) -> EmbeddingEngine:
 
 
 def assert_one_graph_per_length_and_layer_kind(engine: EmbeddingEngine, buckets: LengthBuckets) -> None:
-    """Compile, run every static shape, and count: two layer kinds (sliding-window and full attention) per
-    bucket length; the row ladder adds nothing. The former design compiled once per shape."""
+    """Compile, run every static shape, and count: one graph per bucket length, shared by every layer of
+    both kinds (sliding-window and full attention); the row ladder adds nothing. The former design
+    compiled once per shape."""
     torch._dynamo.reset()  # counts start from nothing; other tests' compilations recompile if needed
     before = graphs_compiled()
     compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager")
@@ -87,7 +88,7 @@ def assert_one_graph_per_length_and_layer_kind(engine: EmbeddingEngine, buckets:
         pending = compiled.launch([(short * length)[:length]] + [short] * (rows - 1))
         assert pending.eager_reason is None
         assert pending.wait().shape == (rows, engine.dimensions)
-    assert graphs_compiled() - before == 2 * len(buckets.lengths) < len(buckets.shapes())
+    assert graphs_compiled() - before == len(buckets.lengths) < len(buckets.shapes())
 
 
 def test_a_row_ladder_costs_no_compilations(tiny_model_dir) -> None:
@@ -98,13 +99,14 @@ def test_a_row_ladder_costs_no_compilations(tiny_model_dir) -> None:
 
 
 @pytest.mark.slow
-def test_every_default_shape_is_covered_by_one_graph_per_bucket_length_and_layer_kind(long_tiny_dir) -> None:
+def test_every_default_shape_is_covered_by_one_graph_per_bucket_length(long_tiny_dir) -> None:
     engine = fresh_engine(long_tiny_dir)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=16384)
-    assert (len(buckets.lengths), len(buckets.shapes())) == (11, 45)  # 22 graphs where there were 45
+    assert (len(buckets.lengths), len(buckets.shapes())) == (11, 45)  # 11 graphs where there were 45
     assert_one_graph_per_length_and_layer_kind(engine, buckets)
 
 
+@pytest.mark.slow  # dynamo traces the whole model (masks, rotary, 2 layers, pooling) once per shape
 def test_the_former_whole_forward_design_compiles_once_per_shape(tiny_model_dir) -> None:
     torch._dynamo.reset()
     engine = fresh_engine(tiny_model_dir)
@@ -119,16 +121,16 @@ def test_the_former_whole_forward_design_compiles_once_per_shape(tiny_model_dir)
 
 def test_compiled_layers_equal_the_eager_reference_dummy_rows_and_full_rows_included(tiny_model_dir) -> None:
     engine = fresh_engine(tiny_model_dir)
-    buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=128)
+    buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=256)
     compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager")
     compiled.compile_buckets()
-    for word_counts in ([1, 12, 3], [2], [9] * 8, [40, 1]):  # a dummy row; one row (run as two); 8 of 8
+    for word_counts in ([1, 12, 3], [2], [9] * 8, [40, 1]):  # dummy rows; one row (run as two); longer ones
         rows = rows_of(engine, word_counts)
         pending = compiled.launch(rows)
         assert pending.eager_reason is None
         assert cosine(pending.wait(), eager_reference(engine, rows)).min() >= ORACLE
     # A full batch without padding: transformers drops the mask, the compiled layer gets an all-true one.
-    exact = [row[:16] for row in rows_of(engine, [30] * 8)]
+    exact = [row[:16] for row in rows_of(engine, [30] * 16)]  # 16 rows of 16 tokens: the full 16 x 16 shape
     assert {len(row) for row in exact} == {16}
     assert cosine(compiled.launch(exact).wait(), eager_reference(engine, exact)).min() >= ORACLE
 
@@ -173,7 +175,7 @@ def test_a_failed_compilation_leaves_its_length_eager_with_a_log_line_and_a_metr
     assert "bucket length 32 runs eager: its compilation failed" in caplog.text
     assert "injected failure at length 32" in caplog.text
     metrics = Metrics()
-    rows = rows_of(engine, [20, 3, 1])  # longest 20 words: the 32-token bucket
+    rows = [row[:24] for row in rows_of(engine, [40, 3, 1])]  # longest 24 tokens: the 32-token bucket
 
     async def run() -> np.ndarray:
         batcher = Batcher(compiled, max_batch_tokens=128, max_queue_tokens=10_000, max_wait_s=0, metrics=metrics)
@@ -203,7 +205,7 @@ def test_the_server_serves_eagerly_while_compiling_then_switches_to_compiled(tin
             eager = {"reason": "compiling"}
             assert metrics.registry.get_sample_value("scholarembed_eager_fallback_batches_total", eager)
             release.set()
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 300
             while len(compiled.regional.ready) < len(buckets.lengths) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert compiled.regional.ready == set(buckets.lengths)

@@ -4,8 +4,9 @@ A transformer is one layer repeated (24 times in EmbeddingGemma-300m). Compiling
 reusing the compiled code for every instance (PyTorch's "regional compilation" recipe) costs a
 twenty-fourth of compiling the whole forward. Marking the batch (rows) dimension dynamic lets one
 compilation serve the whole row ladder of a bucket length, so covering every static shape costs one
-compilation per bucket length and layer kind (Gemma3 has two: sliding-window and full attention,
-whose attention modules differ in a constant that dynamo guards on), whatever the token budget.
+compilation per bucket length, whatever the token budget (Gemma3's sliding-window and full-attention
+layers share it: they differ only in their masks and rotary tables, which are inputs; the engine
+turns the KV cache off, whose per-layer index would otherwise give each layer its own graph).
 
 Each length becomes ready on its own (`compile_length`), so a server can answer eagerly at once and
 switch a length to its compiled layers when it is ready. A length whose compilation failed stays

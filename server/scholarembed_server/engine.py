@@ -305,6 +305,9 @@ class EmbeddingEngine:
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"model {model!r} could not be loaded from {folder}: {error}") from error
         hf_model.to(torch_device).eval()
+        # An encoder needs no KV cache; one would also give each layer its own compilation (its index is read).
+        if hasattr(hf_model.config, "use_cache"):
+            hf_model.config.use_cache = False
 
         modules = _read_json(folder / "modules.json") or []
         pooling = "mean"
