@@ -1,5 +1,7 @@
 """The embedded store: vectors in an append-only file, passages in SQLite (WAL), search with FAISS.
 
+<data dir>/.lock is held (a POSIX lock) by the one process that has the store open.
+
 Layout of a collection, under <data dir>/<name>/:
     collection.sqlite   passages(row, id, title, text, metadata) and meta(key, value)
     vectors.bin         row i = vector of SQLite row i: full dimension, float16 or float32, little-endian
