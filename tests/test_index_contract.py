@@ -526,7 +526,7 @@ def test_leftovers_of_interrupted_creates_and_deletes_are_removed(tmp_path: Path
         sqlite3.connect(tmp_path / leftover / "collection.sqlite").close()
     store = EmbeddedIndex(tmp_path)
     assert [info.name for info in store.list_collections()] == ["papers"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["papers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "papers"]  # .lock: the data dir's owner
     store.close()
 
 

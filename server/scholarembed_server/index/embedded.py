@@ -1,5 +1,7 @@
 """The embedded store: vectors in an append-only file, passages in SQLite (WAL), search with FAISS.
 
+<data dir>/.lock is held (a POSIX lock) by the one process that has the store open.
+
 Layout of a collection, under <data dir>/<name>/:
     collection.sqlite   passages(row, id, title, text, metadata), meta(key, value), and passages_fts,
                         an FTS5 index of title and text (external content: it stores no text twice)
