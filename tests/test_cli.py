@@ -108,3 +108,15 @@ def test_client_import_never_imports_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == (
         "False"
     )
+
+
+def test_a_refused_call_prints_one_line_and_exits_non_zero(tiny_server) -> None:
+    """The server refuses the call (this one serves no SearchService): one error line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "scholarembed_server", "search", "protein", "--collection", "missing",
+         "--server", tiny_server.address],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("scholarembed search: error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -102,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             # Start-up failures (model not found, no CUDA, a bad flag value, a busy port): one line, no traceback.
             print(f"scholarembed {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 1
+    from scholarembed.errors import ScholarEmbedError as CallError
+
+    try:
+        return run_command(args)
+    except CallError as error:
+        # The server refused a call (an unknown collection, bad input, unavailable): one line, no traceback.
+        print(f"scholarembed {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Every command but serve and compile: clients of a server, or in-process bulk work."""
     if args.command == "info":
         from scholarembed import Client
 
