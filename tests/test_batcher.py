@@ -201,10 +201,10 @@ class WarmupHeldEngine(HeldEngine):
         self.warming = threading.Event()
         self.finish_warmup = threading.Event()
 
-    def warmup(self) -> None:
+    def warmup(self, *, compile: bool = True) -> None:
         self.warming.set()
         assert self.finish_warmup.wait(60)
-        self._engine.warmup()
+        self._engine.warmup(compile=compile)
 
 
 def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine) -> None:

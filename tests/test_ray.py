@@ -329,6 +329,7 @@ def test_vector_encodings_round_trip() -> None:
 # -- the CLI, end to end, on SciFact with the real MiniLM ------------------------------------------------------
 
 
+@pytest.mark.slow  # about 3 minutes of MiniLM on 2 cores; `make eval-ray` runs the full corpus the same way
 def test_cli_embed_with_ray_then_load_then_eval_reproduces_the_reference_on_a_scifact_subset(
     tmp_path: Path, minilm_dir: Path
 ) -> None:
@@ -363,7 +364,7 @@ def test_cli_embed_with_ray_then_load_then_eval_reproduces_the_reference_on_a_sc
         server.stop()
     metrics = json.loads(result.stdout)
     assert metrics["queries"] == 50
-    for name, expected in FROZEN.items():
+    for name, expected in FROZEN["dense"].items():
         assert metrics[name] == pytest.approx(expected, abs=5e-4), name
 
 

@@ -328,7 +328,7 @@ def test_index_interrupted_then_run_again_upserts_only_the_rest(tmp_path, tiny_e
         finally:
             interrupted.send_signal(signal.SIGKILL)
             interrupted.wait(60)
-        cancelled = {"rpc": "UpsertPassages", "code": "CANCELLED"}
+        cancelled = {"rpc": "UpsertPassages", "code": "CANCELLED", "door": "grpc"}
         wait_for(lambda: metric("scholarembed_request_duration_seconds_count", cancelled) == 1)
         engine.gate.set()
         wait_for(lambda: server.server.batcher.queued_tokens == 0, message="the killed run's work stayed queued")
@@ -340,10 +340,11 @@ def test_index_interrupted_then_run_again_upserts_only_the_rest(tmp_path, tiny_e
         vectors = tmp_path / "data" / "resumed" / "vectors.bin"
         row_bytes = 64 * 2  # float16 storage
         rows_before = vectors.stat().st_size // row_bytes
-        lookups_before = metric("scholarembed_request_duration_seconds_count", {"rpc": "GetPassages", "code": "OK"})
+        get_passages_ok = {"rpc": "GetPassages", "code": "OK", "door": "grpc"}
+        lookups_before = metric("scholarembed_request_duration_seconds_count", get_passages_ok)
         resumed = run_cli(*command, check=True)
         assert vectors.stat().st_size // row_bytes - rows_before == len(passages) - len(stored)
-        lookups = metric("scholarembed_request_duration_seconds_count", {"rpc": "GetPassages", "code": "OK"})
+        lookups = metric("scholarembed_request_duration_seconds_count", get_passages_ok)
         assert lookups > lookups_before  # it asked the server which ids are stored
         assert f"upserted {len(passages) - len(stored)}; 'resumed' holds {len(passages)} passages" in resumed.stderr
         assert {p.id for p in client.get_passages("resumed", [p.id for p in passages])} == {p.id for p in passages}

@@ -98,7 +98,6 @@ def test_a_row_ladder_costs_no_compilations(tiny_model_dir) -> None:
     assert_one_graph_per_length_and_layer_kind(engine, buckets)
 
 
-@pytest.mark.slow
 def test_every_default_shape_is_covered_by_one_graph_per_bucket_length(long_tiny_dir) -> None:
     engine = fresh_engine(long_tiny_dir)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=16384)
@@ -135,7 +134,6 @@ def test_compiled_layers_equal_the_eager_reference_dummy_rows_and_full_rows_incl
     assert cosine(compiled.launch(exact).wait(), eager_reference(engine, exact)).min() >= ORACLE
 
 
-@pytest.mark.slow
 def test_inductor_compiled_layers_equal_the_eager_reference(tiny_model_dir, tmp_path) -> None:
     from scholarembed_server.engine import use_compile_cache
 
@@ -264,7 +262,6 @@ def test_start_up_failures_print_one_line_and_exit_non_zero(tiny_model_dir, flag
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
-@pytest.mark.slow
 def test_a_replica_starts_warm_from_a_shipped_compile_folder(tiny_model_dir, tmp_path) -> None:
     flags = ["--model", str(tiny_model_dir), "--buckets", "16", "--max-tokens", "16", "--max-batch-tokens", "64"]
     shipped = tmp_path / "shipped"
