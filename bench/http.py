@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import one_client, print_report, text
+from bench.load import latency_report, one_client, print_report, text
 
 REPO = Path(__file__).resolve().parent.parent
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
@@ -198,15 +198,7 @@ async def run_mixed_load(
             )
         )
         elapsed = time.perf_counter() - started
-    report: dict[str, Any] = {"clients": clients, "seconds": elapsed, "outcomes": dict(outcomes), "latency_ms": {}}
-    for kind, latencies in results.items():
-        values = np.array(latencies) * 1000
-        report["latency_ms"][kind] = {
-            "calls": len(values),
-            "per_s": len(values) / elapsed,
-            **{f"p{p}": float(np.percentile(values, p)) for p in (50, 90, 99)},
-        }
-    return report
+    return latency_report(clients, elapsed, results, outcomes)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ async def run_load(
         *(one_client(n, targets, deadline, collection, token, results, outcomes) for n in range(clients))
     )
     elapsed = time.perf_counter() - started
+    return latency_report(clients, elapsed, results, outcomes)
+
+
+def latency_report(
+    clients: int, elapsed: float, results: Mapping[str, list[float]], outcomes: Mapping[str, int]
+) -> dict[str, Any]:
+    """Calls, calls/s and latency percentiles (ms) per kind of call, with the outcome counts."""
     report: dict[str, Any] = {"clients": clients, "seconds": elapsed, "outcomes": dict(outcomes), "latency_ms": {}}
     for kind, latencies in results.items():
         values = np.array(latencies) * 1000
