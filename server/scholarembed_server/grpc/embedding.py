@@ -18,7 +18,7 @@ from ..config import ServerConfig
 from ..embedder import TextEmbedder, model_info
 from ..errors import InvalidArgumentError
 from ..metrics import Metrics
-from .status import abort, status_code, to_rpc_status
+from .status import to_rpc_status, unary
 from .streams import ordered_stream
 
 
@@ -29,13 +29,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._metrics = metrics
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        with self._metrics.track("Embed", context) as outcome:
-            try:
-                return await self._embedder.embed_request(request, wait=False)
-            except Exception as error:
-                outcome.code = status_code(error)
-                await abort(context, error)
-        raise AssertionError("unreachable: abort raises")
+        return await unary(self._metrics, "Embed", context, self._embedder.embed_request(request, wait=False))
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext

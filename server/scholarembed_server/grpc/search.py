@@ -6,8 +6,7 @@ Each upsert response is sent only after its request's commit; streams report per
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -18,10 +17,8 @@ from ..config import ServerConfig
 from ..errors import InvalidArgumentError
 from ..metrics import Metrics
 from ..searcher import Searcher
-from .status import abort, status_code, to_rpc_status
+from .status import to_rpc_status, unary
 from .streams import ordered_stream
-
-T = TypeVar("T")
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
@@ -29,15 +26,6 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._searcher = searcher
         self._config = config
         self._metrics = metrics
-
-    async def _unary(self, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-        with self._metrics.track(rpc, context) as outcome:
-            try:
-                return await call
-            except Exception as error:
-                outcome.code = status_code(error)
-                await abort(context, error)
-        raise AssertionError("unreachable: abort raises")
 
     async def UpsertPassages(
         self, request_iterator: AsyncIterator[pb.UpsertPassagesRequest], context: grpc.aio.ServicerContext
@@ -61,7 +49,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 yield response
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        return await self._unary("Search", context, self._searcher.search(request, wait=False))
+        return await unary(self._metrics, "Search", context, self._searcher.search(request, wait=False))
 
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
@@ -82,24 +70,24 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def DeletePassages(
         self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePassagesResponse:
-        return await self._unary("DeletePassages", context, self._searcher.delete_passages(request))
+        return await unary(self._metrics, "DeletePassages", context, self._searcher.delete_passages(request))
 
     async def GetPassages(
         self, request: pb.GetPassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPassagesResponse:
-        return await self._unary("GetPassages", context, self._searcher.get_passages(request))
+        return await unary(self._metrics, "GetPassages", context, self._searcher.get_passages(request))
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        return await self._unary("ListCollections", context, self._searcher.list_collections(request))
+        return await unary(self._metrics, "ListCollections", context, self._searcher.list_collections(request))
 
     async def GetCollection(
         self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCollectionResponse:
-        return await self._unary("GetCollection", context, self._searcher.get_collection(request))
+        return await unary(self._metrics, "GetCollection", context, self._searcher.get_collection(request))
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        return await self._unary("DeleteCollection", context, self._searcher.delete_collection(request))
+        return await unary(self._metrics, "DeleteCollection", context, self._searcher.delete_collection(request))

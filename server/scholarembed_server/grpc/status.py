@@ -4,6 +4,8 @@ field and google.rpc.RetryInfo on a full queue (unary calls: in the trailers; st
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -11,8 +13,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..errors import InvalidArgumentError, QueueFullError, ScholarEmbedError
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def to_rpc_status(error: BaseException) -> status_pb2.Status:
@@ -41,3 +46,14 @@ def status_code(error: BaseException) -> grpc.StatusCode:
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     status = rpc_status.to_status(to_rpc_status(error))
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def unary(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    """Answer a unary RPC: time it, and turn an error into the call's status (with its details)."""
+    with metrics.track(rpc, context) as outcome:
+        try:
+            return await call
+        except Exception as error:
+            outcome.code = status_code(error)
+            await abort(context, error)
+    raise AssertionError("unreachable: abort raises")
