@@ -21,7 +21,7 @@ MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ bench: install ## CPU benchmarks: embedding throughput vs baselines, and exact v
 
 bench-gpu: install ## GPU benchmark: random-weight EmbeddingGemma-300m, buckets + compile vs eager (install with a CUDA TORCH_SPEC)
 	$(PY) -m bench.throughput --arch embeddinggemma-300m --random-weights
+
+bench-gpu-smoke: install ## the whole bench-gpu script on the CPU, on a tiny model, compiled branch included (~3 min)
+	$(PY) -m bench.throughput --arch tiny --random-weights --cpu --compile on --passages 1024
 
 bench-startup: install ## compile cost of GPU start-up, former design vs regional (real 24-layer architecture, on the CPU)
 	$(PY) -m bench.startup
