@@ -5,13 +5,15 @@ the new one (the repeated layer compiled per bucket length, rows dynamic, served
     python -m bench.startup --arch tiny          # the same code on a tiny model, a smoke test
 
 Each phase runs in its own process, on a compile cache of its own:
-  old     `compile_scope="whole"` on the first --old-shapes shapes of the defaults (45 shapes at 16,384
+  old     `compile_scope="whole"` on --old-shapes shapes of the defaults (45 shapes at 16,384
           tokens, 56 at 65,536), timed one by one; the other shapes are extrapolated from their mean;
-  new     `compile_scope="layers"` on the first --new-lengths of the defaults' 11 bucket lengths, timed
+  new     `compile_scope="layers"` on the first --new-lengths (default: all) of the 11 bucket lengths, timed
           one by one and extrapolated to all 11 likewise; graphs counted by dynamo;
   warm    the same lengths again in a fresh process, from the compile cache `new` left;
   serve   `scholarembed serve --compile on` at the defaults: seconds until SERVING (it serves eagerly
-          while the lengths compile).
+          while the lengths compile);
+  speed   at the first length's fullest shape, the median steady forward of each compiled design and of
+          eager (the new design must stay within 10% of the whole-model compile).
 Graph counts are exact (tests/test_startup.py asserts them at the defaults); seconds are this machine's.
 CPU inductor writes C++, GPU inductor Triton: the counts and ratios carry over, the seconds do not.
 Prints a table and writes JSON to bench/results/.
@@ -45,8 +47,24 @@ def build_model(work_dir: Path, arch: str) -> Path:
     return folder
 
 
+def speed_shape(buckets: Any) -> tuple[int, int]:
+    """Where the compiled forwards are timed against each other: the first length's fullest shape."""
+    return max(shape for shape in buckets.shapes() if shape[1] == buckets.lengths[0])
+
+
+def steady_seconds(forward: Any, repeats: int = 5) -> float:
+    """Median seconds of one compiled forward, after its compilation (the first call, not timed)."""
+    forward()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward()
+        seconds.append(time.perf_counter() - started)
+    return sorted(seconds)[len(seconds) // 2]
+
+
 def old_phase(model_dir: Path, device: str, shapes: int, budget: int) -> dict[str, Any]:
-    """The whole forward compiled for the first `shapes` shapes of the defaults, one by one."""
+    """The whole forward compiled for `shapes` shapes of the defaults, one by one, the speed shape first."""
     from scholarembed_server.buckets import LengthBuckets
     from scholarembed_server.compilation import graphs_compiled
     from scholarembed_server.engine import EmbeddingEngine, use_compile_cache
@@ -56,13 +74,24 @@ def old_phase(model_dir: Path, device: str, shapes: int, budget: int) -> dict[st
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=budget)
     whole = engine.with_buckets(buckets, compile_mode="default", compile_scope="whole")
     short = engine.tokenize(["warmup"])[0].ids
+    timed_shape = speed_shape(buckets)
+    measured = [timed_shape, *(shape for shape in buckets.shapes() if shape != timed_shape)][:shapes]
     seconds = []
-    for rows, length in buckets.shapes()[:shapes]:
+    for rows, length in measured:
         started = time.perf_counter()
         whole.launch([(short * length)[:length]] * rows).wait()
         seconds.append(time.perf_counter() - started)
         print(f"old design: shape {rows} x {length} compiled in {seconds[-1]:.1f}s", file=sys.stderr)
-    return {"shapes": buckets.shapes()[:shapes], "seconds": seconds, "graphs": graphs_compiled()}
+    rows, length = timed_shape
+    batch = [(short * length)[:length]] * rows
+    return {
+        "shapes": measured,
+        "seconds": seconds,
+        "graphs": graphs_compiled(),
+        "speed_shape": timed_shape,
+        "compiled_forward_s": steady_seconds(lambda: whole.launch(batch).wait()),
+        "eager_forward_s": steady_seconds(lambda: engine.forward(batch)),
+    }
 
 
 def new_phase(model_dir: Path, device: str, lengths: int, budget: int) -> dict[str, Any]:
@@ -83,12 +112,16 @@ def new_phase(model_dir: Path, device: str, lengths: int, budget: int) -> dict[s
         print(f"new design: length {length} compiled in {seconds[-1]:.1f}s", file=sys.stderr)
     assert len(layers.regional.ready) == lengths, layers.regional.failed
     hits, misses = fx_graph_cache_counts()
+    short = engine.tokenize(["warmup"])[0].ids
+    rows, length = speed_shape(buckets)
+    batch = [(short * length)[:length]] * rows
     return {
         "lengths": list(buckets.lengths[:lengths]),
         "seconds": seconds,
         "graphs": graphs_compiled(),
         "fx_graph_cache_hits": hits,
         "fx_graph_cache_misses": misses,
+        "compiled_forward_s": steady_seconds(lambda: layers.launch(batch).wait()),
     }
 
 
@@ -128,8 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="embeddinggemma-300m", choices=["embeddinggemma-300m", "tiny"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--old-shapes", type=int, default=1, help="shapes the old design compiles, to extrapolate")
-    parser.add_argument("--new-lengths", type=int, default=2, help="lengths the new design compiles, to extrapolate")
+    parser.add_argument("--old-shapes", type=int, default=3, help="shapes the old design compiles, to extrapolate")
+    parser.add_argument("--new-lengths", type=int, default=11, help="lengths the new design compiles, to extrapolate")
     parser.add_argument(
         "--budget", type=int, default=1024, help="token budget of the compiled shapes (small: CPU forwards are slow)"
     )
@@ -198,9 +231,15 @@ def main() -> None:
               f"{old_s / new_s:>5.1f}x {old_serving:>14.0f} {serving:>14.1f}")  # fmt: skip
     print(f"old: {len(old['seconds'])} shape(s) measured ({', '.join(f'{s:.0f}s' for s in old['seconds'])}), the rest "
           f"extrapolated; new: {len(new['seconds'])} of {lengths} lengths measured "
-          f"({', '.join(f'{s:.0f}s' for s in new['seconds'])}, {graphs_per_length:.0f} graphs each), the rest "
-          f"extrapolated; warm cache {', '.join(f'{s:.1f}s' for s in warm['seconds'])} per length "
+          f"({', '.join(f'{s:.0f}s' for s in new['seconds'])}, {graphs_per_length:.0f} graphs each)"
+          f"{', the rest extrapolated' if len(new['seconds']) < lengths else ''}; "
+          f"warm cache {', '.join(f'{s:.1f}s' for s in warm['seconds'])} per length "
           f"({warm['fx_graph_cache_hits']} cache hits, {warm['fx_graph_cache_misses']} misses)")  # fmt: skip
+    rows, length = old["speed_shape"]
+    print(f"steady forward at {rows} x {length}: whole-model compiled {old['compiled_forward_s'] * 1000:.0f} ms, "
+          f"layers compiled {new['compiled_forward_s'] * 1000:.0f} ms "
+          f"({new['compiled_forward_s'] / old['compiled_forward_s']:.2f}x the whole model's time), "
+          f"eager {old['eager_forward_s'] * 1000:.0f} ms")  # fmt: skip
     path = args.output / f"startup-{args.arch}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
