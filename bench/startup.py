@@ -5,10 +5,10 @@ the new one (the repeated layer compiled per bucket length, rows dynamic, served
     python -m bench.startup --arch tiny          # the same code on a tiny model, a smoke test
 
 Each phase runs in its own process, on a compile cache of its own:
-  old     `compile_scope="whole"` on --old-shapes shapes of the defaults (45 shapes at 16,384
-          tokens, 56 at 65,536), timed one by one; the other shapes are extrapolated from their mean;
-  new     `compile_scope="layers"` on the first --new-lengths (default: all) of the 11 bucket lengths, timed
-          one by one and extrapolated to all 11 likewise; graphs counted by dynamo;
+  old     `compile_scope="whole"` on --old-shapes shapes of the defaults (51 shapes at 16,384
+          tokens, 63 at 65,536), timed one by one; the other shapes are extrapolated from their mean;
+  new     `compile_scope="layers"` on the first --new-lengths (default: all) of the 12 bucket lengths, timed
+          one by one (any not measured extrapolated likewise); graphs counted by dynamo;
   warm    the same lengths again in a fresh process, from the compile cache `new` left;
   serve   `scholarembed serve --compile on` at the defaults: seconds until SERVING (it serves eagerly
           while the lengths compile);
@@ -104,19 +104,20 @@ def new_phase(model_dir: Path, device: str, lengths: int, budget: int) -> dict[s
     engine = EmbeddingEngine.load(str(model_dir), device=device)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=budget)
     layers = engine.with_buckets(buckets, compile_mode="default", compile_scope="layers")
+    chosen = buckets.lengths[:lengths] if lengths else buckets.lengths
     seconds = []
-    for length in buckets.lengths[:lengths]:
+    for length in chosen:
         started = time.perf_counter()
         layers.compile_length(length)
         seconds.append(time.perf_counter() - started)
         print(f"new design: length {length} compiled in {seconds[-1]:.1f}s", file=sys.stderr)
-    assert len(layers.regional.ready) == lengths, layers.regional.failed
+    assert len(layers.regional.ready) == len(chosen), layers.regional.failed
     hits, misses = fx_graph_cache_counts()
     short = engine.tokenize(["warmup"])[0].ids
     rows, length = speed_shape(buckets)
     batch = [(short * length)[:length]] * rows
     return {
-        "lengths": list(buckets.lengths[:lengths]),
+        "lengths": list(chosen),
         "seconds": seconds,
         "graphs": graphs_compiled(),
         "fx_graph_cache_hits": hits,
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument("--arch", default="embeddinggemma-300m", choices=["embeddinggemma-300m", "tiny"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--old-shapes", type=int, default=3, help="shapes the old design compiles, to extrapolate")
-    parser.add_argument("--new-lengths", type=int, default=11, help="lengths the new design compiles, to extrapolate")
+    parser.add_argument("--new-lengths", type=int, default=0, help="lengths the new design compiles (0: all)")
     parser.add_argument(
         "--budget", type=int, default=1024, help="token budget of the compiled shapes (small: CPU forwards are slow)"
     )

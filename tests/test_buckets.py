@@ -35,7 +35,7 @@ def texts_of(word_counts: list[int], seed: int = 3) -> list[str]:
 def test_lengths_round_up_to_the_next_bucket_capped_at_the_token_limit() -> None:
     buckets = LengthBuckets.create(None, max_tokens=1000, max_batch_tokens=65536)
     assert buckets.lengths == (*[n for n in DEFAULT_BUCKET_LENGTHS if n < 1000], 1000)
-    assert [buckets.length_for(n) for n in (1, 64, 65, 97, 999, 1000)] == [64, 64, 96, 128, 1000, 1000]
+    assert [buckets.length_for(n) for n in (1, 33, 64, 65, 97, 999, 1000)] == [32, 64, 64, 96, 128, 1000, 1000]
     with pytest.raises(ValueError, match="exceed"):
         buckets.length_for(1001)
     assert LengthBuckets.create("512, 128,256", max_tokens=2048, max_batch_tokens=1).lengths == (128, 256, 512, 2048)

@@ -101,7 +101,7 @@ def test_a_row_ladder_costs_no_compilations(tiny_model_dir) -> None:
 def test_every_default_shape_is_covered_by_one_graph_per_bucket_length(long_tiny_dir) -> None:
     engine = fresh_engine(long_tiny_dir)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=16384)
-    assert (len(buckets.lengths), len(buckets.shapes())) == (11, 45)  # 11 graphs where there were 45
+    assert (len(buckets.lengths), len(buckets.shapes())) == (12, 51)  # 12 graphs where there were 51
     assert_one_graph_per_length_and_layer_kind(engine, buckets)
 
 
