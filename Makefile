@@ -81,10 +81,10 @@ lint: $(VENV)/.installed ## ruff and mypy (strict on the client)
 	$(VENV)/bin/ruff format --check client/scholarembed/*.py server tests bench scripts
 	$(VENV)/bin/mypy
 
-test: install check-protos lint ## set everything up and run the test suite (what CI runs)
+test: install $(GEMMA3_TOKENIZER) check-protos lint ## set everything up and run the test suite (what CI runs)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: install ## every test, slow ones included (GPU tests skip without a GPU)
+test-all: install $(GEMMA3_TOKENIZER) ## every test, slow ones included (GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
@@ -100,14 +100,14 @@ bench: install ## CPU benchmarks: embedding throughput vs baselines, and exact v
 	$(PY) -m bench.throughput --cpu
 	$(PY) -m bench.search --sizes 100000
 
-bench-gpu: install ## GPU benchmark: random-weight EmbeddingGemma-300m, buckets + compile vs eager (install with a CUDA TORCH_SPEC)
-	$(PY) -m bench.throughput --arch embeddinggemma-300m --random-weights
+bench-gpu: install $(GEMMA3_TOKENIZER) ## GPU benchmark: random-weight EmbeddingGemma-300m, real tokenizer, buckets + compile vs eager (install with a CUDA TORCH_SPEC)
+	$(PY) -m bench.throughput --arch embeddinggemma-300m --random-weights --tokenizer $(dir $(GEMMA3_TOKENIZER))
 
-bench-gpu-smoke: install ## the whole bench-gpu script on the CPU, on a tiny model, compiled branch included (~3 min)
-	$(PY) -m bench.throughput --arch tiny --random-weights --cpu --compile on --passages 1024
+bench-gpu-smoke: install $(GEMMA3_TOKENIZER) ## the whole bench-gpu script on the CPU, on a tiny model, compiled branch included (~3 min)
+	$(PY) -m bench.throughput --arch tiny --random-weights --cpu --compile on --passages 1024 --tokenizer $(dir $(GEMMA3_TOKENIZER))
 
 bench-buckets: install $(GEMMA3_TOKENIZER) ## padding efficiency of bucket-length sets: SciFact, the real Gemma 3 tokenizer
-	$(PY) -m bench.buckets
+	$(PY) -m bench.buckets --tokenizer $(dir $(GEMMA3_TOKENIZER))
 
 bench-startup: install ## compile cost of GPU start-up, former design vs regional (real 24-layer architecture, on the CPU)
 	$(PY) -m bench.startup

@@ -14,10 +14,12 @@ Ratios are against the better of (a) and (b); (d) is also compared with (c): sto
 bottleneck of ingestion. Only ratios from one run mean anything: absolute
 figures drift between machines. Prints a table and writes JSON to bench/results/.
 
-GPU mode, one command, no download (a random-weight model with EmbeddingGemma-300m's exact architecture,
-bf16, sdpa, and a BPE tokenizer trained on the spot, as large as SciFact allows):
+GPU mode, one command, no weights downloaded (a random-weight model with EmbeddingGemma-300m's exact
+architecture, bf16, sdpa; with --tokenizer, EmbeddingGemma's real tokenizer, built from the Gemma 3
+tokenizer.json that `make bench-gpu` fetches; without it, a BPE trained on the spot, as large as SciFact
+allows):
 
-    python -m bench.throughput --arch embeddinggemma-300m --random-weights
+    python -m bench.throughput --arch embeddinggemma-300m --random-weights --tokenizer DIR
     python -m bench.throughput --arch tiny --random-weights --cpu        # the same code, CPU smoke test
     python -m bench.throughput --arch tiny --random-weights --cpu --compile on   # with the compiled branch
     python -m bench.throughput --arch tiny --random-weights --cpu --tokenizer-only
@@ -49,7 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from scholarembed_server.random_model import EMBEDDINGGEMMA_300M, build_random_embeddinggemma, build_tokenizer
+from scholarembed_server.random_model import (
+    EMBEDDINGGEMMA_300M,
+    build_random_embeddinggemma,
+    build_tokenizer,
+    embeddinggemma_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
@@ -147,7 +154,10 @@ def main() -> None:
     arch.add_argument("--cuda-graph-max-tokens", type=int, default=16384)
     arch.add_argument("--compile-cache-dir", default="~/.cache/scholarembed/inductor")
     arch.add_argument("--work-dir", default="~/.cache/scholarembed/bench", help="tokenizer and model, reused")
-    arch.add_argument("--tokenizer-vocab", type=int, default=262_144)
+    arch.add_argument(
+        "--tokenizer", type=Path, help="folder with the real Gemma 3 tokenizer.json (else a BPE is trained on SciFact)"
+    )
+    arch.add_argument("--tokenizer-vocab", type=int, default=262_144, help="the trained BPE's vocabulary")
     arch.add_argument("--tokenizer-threads", type=int, default=min(8, os.cpu_count() or 1))
     arch.add_argument("--card-limit", type=int, default=256, help="texts for the slow model card loop")
     arch.add_argument("--skip-in-process", action="store_true", help="skip (d): compile only in the server")
@@ -263,9 +273,8 @@ def workload(tokenizer: Any, count: int, max_tokens: int, seed: int = 0) -> tupl
     rng = np.random.default_rng(seed)
     sigma = 0.55
     lengths = np.clip(rng.lognormal(np.log(255) - sigma**2 / 2, sigma, count), 16, max_tokens).astype(int)
-    stream = tokenizer(
-        " ".join(text for _, text in load_passages(SCIFACT / "corpus.jsonl", 0)), add_special_tokens=False
-    )["input_ids"]
+    corpus = " ".join(text for _, text in load_passages(SCIFACT / "corpus.jsonl", 0))
+    stream = tokenizer(corpus, add_special_tokens=False, verbose=False)["input_ids"]
     prompt_tokens = len(tokenizer("title: none | text: ")["input_ids"])
     passages = []
     for length in lengths:
@@ -450,8 +459,13 @@ def arch_main(args: argparse.Namespace) -> None:
     }
     timings: dict[str, float] = {}
 
-    tokenizer_dir, vocab, timings["train_tokenizer_s"] = large_tokenizer(work_dir, args.tokenizer_vocab)
-    model_dir = work_dir / f"{args.arch}-random"
+    if args.tokenizer is not None:  # the real Gemma 3 vocabulary, as EmbeddingGemma tokenizes with it
+        tokenizer_dir = embeddinggemma_tokenizer(args.tokenizer, work_dir / "embeddinggemma-tokenizer")
+        vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+        model_dir = work_dir / f"{args.arch}-random-gemma3-tokenizer"
+    else:
+        tokenizer_dir, vocab, timings["train_tokenizer_s"] = large_tokenizer(work_dir, args.tokenizer_vocab)
+        model_dir = work_dir / f"{args.arch}-random"
     if not (model_dir / "config.json").exists():
         started = time.perf_counter()
         build_random_embeddinggemma(
@@ -474,11 +488,13 @@ def arch_main(args: argparse.Namespace) -> None:
         "tokens": tokens,
         "mean_tokens": tokens / len(rows),
         "tokenizer_vocab": vocab,
+        "tokenizer_kind": "gemma3" if args.tokenizer else "trained BPE",
         "model_dtype": engine.dtype_name,
     }
     print(
         f"{args.arch} (random weights) on {report['device']}, {engine.dtype_name}; {len(rows)} passages, "
-        f"{tokens} tokens (mean {tokens / len(rows):.0f}); BPE vocabulary {vocab}",
+        f"{tokens} tokens (mean {tokens / len(rows):.0f}); "
+        f"{'Gemma 3' if args.tokenizer else 'trained BPE'} vocabulary {vocab}",
         file=sys.stderr,
     )
 

