@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 import pytest
 from reference import ModelCard, card_passage, card_query, cosine
-from tiny_model import WORDS
+from tiny_model import WORDS, build_long_tiny_embeddinggemma
 
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed_server.engine import EmbeddingEngine, InputType, Truncation
 from scholarembed_server.errors import InvalidArgumentError
-from scholarembed_server.random_model import build_random_embeddinggemma, embeddinggemma_tokenizer
+from scholarembed_server.random_model import embeddinggemma_tokenizer
 
 GEMMA3 = Path(__file__).resolve().parent.parent / ".cache" / "gemma3-tokenizer" / "package" / "models"
 ORACLE = 0.99999
@@ -37,21 +37,8 @@ def gemma3_folder() -> Path:
 @pytest.fixture(scope="module")
 def model_dir(gemma3_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("gemma3-vocabulary")
-    return build_random_embeddinggemma(
-        folder / "model",
-        tokenizer_folder=embeddinggemma_tokenizer(gemma3_folder, folder / "tokenizer"),
-        vocab_size=262_144,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        stored_sliding_window=512,
-        max_seq_length=2048,
-        dense_hidden=128,
-    )
+    tokenizer = embeddinggemma_tokenizer(gemma3_folder, folder / "tokenizer")
+    return build_long_tiny_embeddinggemma(folder / "model", tokenizer_folder=tokenizer, vocab_size=262_144)
 
 
 @pytest.fixture(scope="module")

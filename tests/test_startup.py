@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from reference import cosine
-from tiny_model import WORDS
+from tiny_model import WORDS, build_long_tiny_embeddinggemma
 
 from scholarembed import Client
 from scholarembed_server.batcher import Batcher
@@ -29,7 +29,7 @@ from scholarembed_server.compilation import graphs_compiled
 from scholarembed_server.config import ServerConfig, batch_token_budget, default_tokenizer_threads
 from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.metrics import Metrics
-from scholarembed_server.random_model import build_random_embeddinggemma, build_tokenizer
+from scholarembed_server.random_model import build_tokenizer
 
 ORACLE = 0.99999
 
@@ -52,20 +52,9 @@ def long_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with EmbeddingGemma's 2048-token limit, so the default buckets are the real ones."""
     folder = tmp_path_factory.mktemp("long-tiny")
     build_tokenizer(folder / "tokenizer")
-    return build_random_embeddinggemma(
-        folder / "model",
-        tokenizer_folder=folder / "tokenizer",
-        vocab_size=400,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,  # Gemma3's pattern: five sliding-window layers, then a full-attention one
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        stored_sliding_window=512,
-        max_seq_length=2048,
-        dense_hidden=64,
+    # Six layers: Gemma3's pattern, five sliding-window layers, then a full-attention one.
+    return build_long_tiny_embeddinggemma(
+        folder / "model", tokenizer_folder=folder / "tokenizer", vocab_size=400, num_hidden_layers=6
     )
 
 
