@@ -11,7 +11,7 @@ tokens / computed tokens (dummy rows and padding included), per tail mode and to
 path's sorted token budget (no static shapes, nothing to compile) is the ceiling.
 
 Token counts are EmbeddingGemma's: its tokenizer is Gemma 3's (262,145 tokens) with <bos> and <eos>
-around each text (the Gemma 3 tokenizer.json adds only <bos>; one is added for <eos>), capped at 2,048.
+around each text (`random_model.embeddinggemma_tokenizer`), capped at 2,048.
 Efficiency counts tokens, not FLOPs: attention grows with the length, so long padding costs a little
 more than it shows. Prints a table and writes JSON to bench/results/.
 """
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from scholarembed_server.buckets import DEFAULT_BUCKET_LENGTHS, LengthBuckets, Tail
 from scholarembed_server.engine import EMBEDDINGGEMMA_PROMPTS, InputType, plan_batches
+from scholarembed_server.random_model import embeddinggemma_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
@@ -35,18 +37,19 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
     "256, 512, 2,048": (256, 512, 2048),
     "powers of two from 128": (128, 256, 512, 1024, 2048),
     "powers of two from 64": (64, 128, 256, 512, 1024, 2048),
+    "former default (no 32)": tuple(length for length in DEFAULT_BUCKET_LENGTHS if length != 32),
     "default": DEFAULT_BUCKET_LENGTHS,
-    "default + 32": (32, *DEFAULT_BUCKET_LENGTHS),
     "finer (x1.125 to 512)": (64, 72, 80, 96, 112, 128, 144, 160, 192, 224, 256, 288, 320, 384, 448, 512,
                               768, 1024, 1536, 2048),
 }  # fmt: skip
 
 
-def token_lengths(tokenizer_dir: Path) -> dict[str, list[int]]:
-    """Tokens per prompted passage and query, as EmbeddingGemma counts them."""
+def token_lengths(gemma3_dir: Path) -> dict[str, list[int]]:
+    """Tokens per prompted passage and query, as EmbeddingGemma counts them (<bos> and <eos> included)."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = Tokenizer.from_file(str(embeddinggemma_tokenizer(gemma3_dir, Path(folder)) / "tokenizer.json"))
     corpus = [json.loads(line) for line in (SCIFACT / "corpus.jsonl").open()]
     passages = EMBEDDINGGEMMA_PROMPTS.apply(
         [record["text"] for record in corpus], InputType.PASSAGE, [record.get("title", "") for record in corpus]
@@ -54,9 +57,8 @@ def token_lengths(tokenizer_dir: Path) -> dict[str, list[int]]:
     queries = EMBEDDINGGEMMA_PROMPTS.apply(
         [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open()], InputType.QUERY
     )
-    # + 1: EmbeddingGemma's post-processor adds <eos> after Gemma 3's <bos> ... text.
     return {
-        name: [min(len(encoding.ids) + 1, MAX_TOKENS) for encoding in tokenizer.encode_batch(texts)]
+        name: [min(len(encoding.ids), MAX_TOKENS) for encoding in tokenizer.encode_batch(texts)]
         for name, texts in (("passages", passages), ("queries", queries))
     }
 
