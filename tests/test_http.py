@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -375,3 +376,15 @@ def test_probes_open_without_a_token_when_asked(tiny_engine, token_file) -> None
         assert call(url + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
     finally:
         server.stop()
+
+
+def test_every_answer_carries_the_request_id_back(server) -> None:
+    """The caller's x-request-id comes back as a response header, success or error; one is made up and
+    returned when the caller sends none, so a failure can be quoted and found in the server's logs."""
+    url = server.http_url + "/v1/embeddings"
+    status, headers, _ = call(url, "POST", {"input": "protein"}, headers={"x-request-id": "trace-http-7"})
+    assert (status, headers["x-request-id"]) == (200, "trace-http-7")
+    status, headers, _ = call(url, "POST", {"input": ""}, headers={"x-request-id": "trace-http-8"})
+    assert (status, headers["x-request-id"]) == (400, "trace-http-8")
+    status, headers, _ = call(url, "POST", {"input": "protein"})
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"])

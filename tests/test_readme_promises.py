@@ -190,7 +190,7 @@ def test_a_response_larger_than_max_message_bytes_is_resource_exhausted(configur
         assert len(stub.Embed(pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY)).embeddings) == 1
 
 
-def test_json_logs_carry_request_ids_and_echo_the_callers(configured_server) -> None:
+def test_json_logs_carry_request_ids_and_callers_get_them_back(configured_server) -> None:
     def failed_embeds() -> list[dict[str, Any]]:
         entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
         return [e for e in entries if e.get("rpc") == "Embed" and e.get("code") == "INVALID_ARGUMENT"]
@@ -206,6 +206,20 @@ def test_json_logs_carry_request_ids_and_echo_the_callers(configured_server) -> 
     echoed, generated = failed_embeds()[earlier : earlier + 2]
     assert echoed["request_id"] == "trace-readme-42"  # the caller's x-request-id
     assert re.fullmatch(r"[0-9a-f]{16}", generated["request_id"])  # made up when the caller sends none
+    # The caller gets the id back in the trailing metadata, on errors (next to the status details) and
+    # on success, unary and streaming alike.
+    with grpc.insecure_channel(configured_server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Embed(bad, metadata=(("x-request-id", "trace-readme-43"),), timeout=60)
+        trailers = dict(raised.value.trailing_metadata())
+        assert trailers["x-request-id"] == "trace-readme-43" and "grpc-status-details-bin" in trailers
+        good = pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY)
+        _, call = stub.Embed.with_call(good, metadata=(("x-request-id", "trace-readme-44"),), timeout=60)
+        assert dict(call.trailing_metadata())["x-request-id"] == "trace-readme-44"
+        stream = stub.EmbedStream(iter([pb.EmbedStreamRequest(request_id="s", request=good)]), timeout=60)
+        assert [r.request_id for r in stream] == ["s"]
+        assert re.fullmatch(r"[0-9a-f]{16}", dict(stream.trailing_metadata())["x-request-id"])
     entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
     assert any("serving" in e["message"] for e in entries)  # start-up lines are JSON as well
     assert all({"time", "level", "logger", "request_id", "message"} <= e.keys() for e in entries)

@@ -2,7 +2,7 @@
 
 The id of the call being served lives in a context variable, so every log line written while serving
 it carries it, in any module. It comes from the caller's `x-request-id` metadata when present (so a
-caller can follow its request through the logs), or is made up here.
+caller can follow its request through the logs), or is made up here; either way the caller gets it back.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import time
 import uuid
 from typing import Any
 
+REQUEST_ID_HEADER = "x-request-id"  # in and out: gRPC metadata (trailing, on the way out), HTTP headers
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 def request_id_from(metadata: Any) -> str:
     for key, value in metadata or ():
-        if key == "x-request-id" and value:
+        if key.lower() == REQUEST_ID_HEADER and value:
             return str(value)[:128]
     return uuid.uuid4().hex[:16]
 

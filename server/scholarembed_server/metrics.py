@@ -101,8 +101,11 @@ class Metrics:
         self, rpc: str, context: grpc.aio.ServicerContext | None, *, door: str = "grpc", metadata: Any = None
     ) -> Iterator[_Outcome]:
         """Time and log an RPC under its request id; the handler sets outcome.code unless it ends OK.
-        gRPC calls pass their context; other doors pass None and their headers as `metadata`."""
+        gRPC calls pass their context; other doors pass None and their headers as `metadata`.
+        A gRPC caller gets the id back in the trailing metadata (`x-request-id`), to quote it in a report."""
         logs.request_id.set(logs.request_id_from(context.invocation_metadata() if context is not None else metadata))
+        if context is not None:
+            context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, logs.request_id.get()),))
         outcome = _Outcome()
         started = time.monotonic()
         try:

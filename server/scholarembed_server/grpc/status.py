@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .. import logs
 from ..errors import InvalidArgumentError, QueueFullError, ScholarEmbedError
 from ..metrics import Metrics
 
@@ -45,7 +46,9 @@ def status_code(error: BaseException) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     status = rpc_status.to_status(to_rpc_status(error))
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    # abort's trailing metadata replaces what the call had set: the request id goes along again.
+    trailing = (*status.trailing_metadata, (logs.REQUEST_ID_HEADER, logs.request_id.get()))
+    await context.abort(status.code, status.details, trailing)
 
 
 async def unary(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:

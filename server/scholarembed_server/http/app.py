@@ -19,13 +19,14 @@ import orjson
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import search_pb2
 
+from .. import logs
 from ..config import ServerConfig
 from ..embedder import TextEmbedder
 from ..errors import InvalidArgumentError, ScholarEmbedError, UnavailableError
@@ -249,6 +250,9 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # The caller gets the request id back (its own x-request-id, or the one made up for it).
+                message.setdefault("headers", [])
+                MutableHeaders(scope=message)[logs.REQUEST_ID_HEADER] = logs.request_id.get()
             await send(message)
 
         with self.metrics.track(rpc, None, door="http", metadata=Headers(scope=scope).items()) as outcome:
