@@ -1,7 +1,7 @@
 """Padding efficiency of bucket-length sets on real SciFact text with the real Gemma 3 tokenizer.
 
-    python -m bench.buckets                       # make bench-buckets fetches the tokenizer first
-    python -m bench.buckets --tokenizer DIR       # any folder with a tokenizer.json
+    make bench-buckets                            # fetches the Gemma 3 tokenizer, then runs this
+    python -m bench.buckets --tokenizer DIR       # DIR holds Gemma 3's tokenizer.json
 
 Every bucket length is one compilation at start-up (the repeated layer, rows dynamic), and every token
 of padding is compute thrown away. This weighs the two: for each candidate set of lengths it plans the
@@ -30,7 +30,6 @@ from scholarembed_server.random_model import embeddinggemma_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
-GEMMA3_TOKENIZER = REPO / ".cache" / "gemma3-tokenizer" / "package" / "models"
 MAX_TOKENS = 2048
 CANDIDATES: dict[str, tuple[int, ...]] = {
     "2,048 only": (2048,),
@@ -69,12 +68,12 @@ def eager_padded_tokens(lengths: list[int], budget: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", type=Path, default=GEMMA3_TOKENIZER, help="folder with a tokenizer.json")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with Gemma 3's tokenizer.json")
     parser.add_argument("--budgets", default="16384,65536", help="padded-token budgets of a batch")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     if not (args.tokenizer / "tokenizer.json").exists():
-        parser.error(f"no tokenizer.json in {args.tokenizer}: run make bench-buckets, or pass --tokenizer")
+        parser.error(f"no tokenizer.json in {args.tokenizer}: make bench-buckets fetches one")
     budgets = [int(budget) for budget in args.budgets.split(",")]
     lengths = token_lengths(args.tokenizer)
     summary = {name: (sum(values), sum(values) / len(values), max(values)) for name, values in lengths.items()}

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny_model import GEMMA3_TOKENIZER
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -24,9 +26,8 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path: Path)
         "--work-dir", str(tmp_path / "work"), "--compile-cache-dir", str(tmp_path / "inductor"),
         "--output", str(tmp_path / "results"),
     ]  # fmt: skip
-    gemma3 = REPO / ".cache" / "gemma3-tokenizer" / "package" / "models"
-    if (gemma3 / "tokenizer.json").exists():  # as make bench-gpu runs it (make test fetches the tokenizer)
-        command += ["--tokenizer", str(gemma3)]
+    if (GEMMA3_TOKENIZER / "tokenizer.json").exists():  # as make bench-gpu runs it (make test fetches it)
+        command += ["--tokenizer", str(GEMMA3_TOKENIZER)]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=540)
     assert finished.returncode == 0, finished.stderr[-4000:]
 

