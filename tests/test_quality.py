@@ -44,6 +44,8 @@ def test_scifact_subset_through_the_server_matches_the_reference(tmp_path, minil
                 [*cli, "eval", "--beir", str(subset), "--split", "test", "--mode", mode, *common],
                 check=True, timeout=600, capture_output=True, text=True,
             )  # fmt: skip
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"{error}\n{error.stderr or ''}\nserver log:\n{server.output()}")
     finally:
         server.stop()
     for mode, expected_metrics in FROZEN.items():
