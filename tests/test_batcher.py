@@ -248,21 +248,34 @@ def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine
 
 
 class OutOfMemoryEngine(HeldEngine):
-    """The real engine, but a forward pass over more than `limit` padded tokens fails as CUDA OOM would."""
+    """The real engine, but a forward pass over more than `limit` padded tokens fails as running out of
+    memory would: CUDA's OutOfMemoryError, or the CPU allocator's plain RuntimeError."""
 
-    def __init__(self, engine: Any, limit: int) -> None:
+    def __init__(self, engine: Any, limit: int, error: BaseException) -> None:
         super().__init__(engine)
         self.limit = limit
+        self.error = error
 
     def forward(self, batch: Any) -> np.ndarray:
         self.batches.append([list(row) for row in batch])
         if len(batch) * max(len(row) for row in batch) > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            raise self.error
         return self._engine.forward(batch)
 
 
-def test_out_of_memory_halves_the_batch_and_fails_only_what_cannot_fit(tiny_engine, in_process_server) -> None:
-    engine = OutOfMemoryEngine(tiny_engine, limit=60)
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 4000000000 bytes. Error code 12 (Cannot allocate memory) (injected)"
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_halves_the_batch_and_fails_only_what_cannot_fit(tiny_engine, in_process_server, error) -> None:
+    engine = OutOfMemoryEngine(tiny_engine, limit=60, error=error)
     server = in_process_server(engine=engine, max_wait_ms=50)
     short = [f"protein {i}" for i in range(12)]  # ~8 tokens each with the prompt: fit 7 at a time
     huge = " ".join(["protein gene cell"] * 30)  # ~100 tokens: cannot fit even alone

@@ -44,10 +44,13 @@ log = logging.getLogger(__name__)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError saying the same: the CPU allocator's ("can't allocate
+    memory") is a plain RuntimeError, and so are some kernels' own out-of-memory failures."""
     import torch
 
+    message = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
     )
 
 
