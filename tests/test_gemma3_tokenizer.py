@@ -72,6 +72,17 @@ def test_a_long_text_is_cut_to_2048_tokens_keeping_eos_or_rejected_naming_the_fi
     assert raised.value.field == "texts[1]"
 
 
+def test_the_cut_is_the_tokenizers_own_truncation_at_every_length(engine, model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    for words in (1500, 1700, 2047, 2048, 3000):
+        text = long_text(words)
+        expected = reference(text, truncation=True, max_length=2048)["input_ids"]
+        (tokenized,) = engine.tokenize([text])
+        assert tokenized.ids == expected and tokenized.truncated == (len(reference(text)["input_ids"]) > 2048)
+
+
 def test_vectors_match_the_model_card_with_the_real_tokenizer(engine, model_dir) -> None:
     card = ModelCard(model_dir, max_length=2048)  # sentence-transformers truncates at max_seq_length
     texts = ["CRISPR off-target effects", "a", long_text(40), long_text(3000), "Ångström-scale pores; β-sheets"]

@@ -301,6 +301,9 @@ class EmbeddingEngine:
             config = AutoConfig.from_pretrained(folder)
             fix_bidirectional_sliding_window(config, raw_config)
             tokenizer = AutoTokenizer.from_pretrained(folder)
+            # Settle the shared tokenizer's state (no truncation, no padding: a tokenizer.json may enable
+            # either) now, before threads share it; `tokenize` never changes it again.
+            tokenizer(["."], truncation=False, return_attention_mask=False)
             hf_model = AutoModel.from_pretrained(folder, config=config, dtype=torch_dtype, attn_implementation="sdpa")
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"model {model!r} could not be loaded from {folder}: {error}") from error
@@ -386,16 +389,27 @@ class EmbeddingEngine:
                     f"texts[{index}]",
                     f"{len(ids)} tokens (prompt included) exceed the model's limit of {self.max_tokens}",
                 )
-            # Re-tokenize with the tokenizer's own truncation so special tokens (e.g. EOS) survive.
-            cut = self.tokenizer(
-                texts[index],
-                add_special_tokens=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_attention_mask=False,
-            )["input_ids"]
-            result.append(TokenizedText(cut, truncated=True))
+            result.append(TokenizedText(self._cut(texts[index]), truncated=True))
         return result
+
+    def _cut(self, text: str) -> list[int]:
+        """A text's ids cut to max_tokens as the tokenizer's own truncation cuts them: the text's tokens
+        first, then the special tokens (e.g. EOS) around them, so they survive.
+
+        Several threads tokenize at once, and a fast tokenizer's truncation is a setting on the shared
+        object that each `truncation=True` call would set (and the next `truncation=False` call clear):
+        one thread's call could have another's text come back uncut. So the cut is done here on the
+        encoding, and the tokenizer's settings are never touched after `load`.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a Python tokenizer: its truncation is per call, not shared state
+            ids: list[int] = self.tokenizer(
+                text, add_special_tokens=True, truncation=True, max_length=self.max_tokens, return_attention_mask=False
+            )["input_ids"]
+            return ids
+        encoding = backend.encode(text, add_special_tokens=False)
+        encoding.truncate(self.max_tokens - backend.num_special_tokens_to_add(is_pair=False))
+        return list(backend.post_process(encoding, add_special_tokens=True).ids)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
