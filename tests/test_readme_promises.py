@@ -8,6 +8,7 @@ folders with CLS pooling and Dense layers with a bias and an activation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -220,6 +221,26 @@ def test_json_logs_carry_request_ids_and_callers_get_them_back(configured_server
         stream = stub.EmbedStream(iter([pb.EmbedStreamRequest(request_id="s", request=good)]), timeout=60)
         assert [r.request_id for r in stream] == ["s"]
         assert re.fullmatch(r"[0-9a-f]{16}", dict(stream.trailing_metadata())["x-request-id"])
+    # The typed client names that id in its exceptions, so a failure can be found in the server's log.
+    with Client(configured_server.address) as client, pytest.raises(scholarembed.InvalidArgumentError) as failed:
+        client.embed_queries(["protein"], dimensions=7)
+    server_id = failed.value.server_request_id
+    assert re.fullmatch(r"[0-9a-f]{16}", server_id) and f"server request id {server_id}" in str(failed.value)
+
+    async def failed_async_call() -> scholarembed.ScholarEmbedError:
+        async with scholarembed.AsyncClient(configured_server.address) as client:
+            try:
+                await client.embed_queries(["protein"], dimensions=7)
+            except scholarembed.InvalidArgumentError as error:
+                return error
+        raise AssertionError("the call did not fail")
+
+    assert re.fullmatch(r"[0-9a-f]{16}", asyncio.run(failed_async_call()).server_request_id or "")
+    wait_for(
+        lambda: any(json.loads(line).get("request_id") == server_id for line in configured_server.output().splitlines()
+                    if line.startswith("{")),
+        message=f"no server log line for request {server_id}",
+    )  # fmt: skip
     entries = [json.loads(line) for line in configured_server.output().splitlines() if line.startswith("{")]
     assert any("serving" in e["message"] for e in entries)  # start-up lines are JSON as well
     assert all({"time", "level", "logger", "request_id", "message"} <= e.keys() for e in entries)

@@ -14,8 +14,16 @@ class FieldViolation:
     description: str
 
 
+# The metadata key under which the server sends back the id its log lines carry for the call.
+REQUEST_ID_HEADER = "x-request-id"
+
+
 class ScholarEmbedError(Exception):
-    """Base of all client errors. `code` is the gRPC status code; `field_violations` name bad fields."""
+    """Base of all client errors. `code` is the gRPC status code; `field_violations` name bad fields.
+
+    `request_id` is a stream message's own id (the message that failed); `server_request_id` is the
+    call's id in the server's logs (its `x-request-id` trailer), which a failed call's message names too.
+    """
 
     def __init__(
         self,
@@ -25,12 +33,14 @@ class ScholarEmbedError(Exception):
         field_violations: tuple[FieldViolation, ...] = (),
         retry_after_s: float | None = None,
         request_id: str | None = None,
+        server_request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.field_violations = field_violations
         self.retry_after_s = retry_after_s
         self.request_id = request_id
+        self.server_request_id = server_request_id
 
 
 class InvalidArgumentError(ScholarEmbedError):
@@ -74,7 +84,9 @@ _CLASSES: dict[grpc.StatusCode, type[ScholarEmbedError]] = {
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def from_status(status: status_pb2.Status, request_id: str | None = None) -> ScholarEmbedError:
+def from_status(
+    status: status_pb2.Status, request_id: str | None = None, server_request_id: str | None = None
+) -> ScholarEmbedError:
     """Build the typed exception for a google.rpc.Status (trailers of a call, or an in-band stream error)."""
     code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     violations: list[FieldViolation] = []
@@ -90,12 +102,14 @@ def from_status(status: status_pb2.Status, request_id: str | None = None) -> Sch
             retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     error_class = _CLASSES.get(code, InternalError)
     prefix = f"[{request_id}] " if request_id else ""
+    suffix = f" (server request id {server_request_id})" if server_request_id else ""
     return error_class(
-        f"{prefix}{code.name}: {status.message}",
+        f"{prefix}{code.name}: {status.message}{suffix}",
         code=code,
         field_violations=tuple(violations),
         retry_after_s=retry_after,
         request_id=request_id,
+        server_request_id=server_request_id,
     )
 
 
@@ -111,4 +125,14 @@ def from_rpc_error(error: grpc.RpcError) -> ScholarEmbedError:
         status = None
     if status is None:
         status = status_pb2.Status(code=code.value[0], message=error.details() or "")
-    return from_status(status)
+    return from_status(status, server_request_id=_trailer(error, REQUEST_ID_HEADER))
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str | None:
+    """One trailing-metadata value of a failed call; None when there is none (e.g. the server was never
+    reached) or the error carries no call."""
+    try:
+        trailers = error.trailing_metadata() or ()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return next((str(value) for name, value in trailers if name == key), None)
