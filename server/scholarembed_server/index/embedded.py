@@ -25,8 +25,8 @@ A collection is created in .creating-<name> and deleted as .deleting-<name>, eac
 and the rename fsynced; leftovers of an interrupted create or delete are removed on open.
 
 A collection made before the lexical index existed gets it on open, built in one transaction from
-the stored passages: 13 s of CPU for 100,000 abstract-length passages (bench/search.py --modes),
-about 2 minutes at 1M (extrapolated linearly, not measured), while opening.
+the stored passages: 2.6 s for 100,000 abstract-length passages (bench/search.py --modes, quiet CPU),
+about 30 s at 1M (extrapolated linearly, not measured), while opening.
 
 Filters are SQL over the metadata JSON; a range reads values with `scholarembed_number`, a
 function registered on the connection that applies base.as_number, so every store agrees.
