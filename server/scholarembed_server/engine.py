@@ -241,6 +241,9 @@ def fix_bidirectional_sliding_window(config: Any, raw_config: dict[str, Any]) ->
         config.sliding_window = effective
 
 
+_REGIONAL_LOCK = threading.Lock()  # guards the creation of an engine's RegionalCompiler (see `regional`)
+
+
 @dataclass
 class EmbeddingEngine:
     """A loaded model with its tokenizer, prompts and pooling head.
@@ -459,11 +462,14 @@ class EmbeddingEngine:
     @property
     def regional(self) -> RegionalCompiler:
         """The compiled layer and its per-length readiness (compile_scope "layers"), shared by copies."""
-        if "regional" not in self._compiled:
-            self._compiled["regional"] = RegionalCompiler(
-                self.model, mode=self.compile_mode, backend=self.compile_backend
-            )
-        compiler = self._compiled["regional"]
+        # Locked: the compile thread and the model thread may both ask first; a second compiler would
+        # re-wrap the layers, and the length the first was compiling would stay eager for good.
+        with _REGIONAL_LOCK:
+            if "regional" not in self._compiled:
+                self._compiled["regional"] = RegionalCompiler(
+                    self.model, mode=self.compile_mode, backend=self.compile_backend
+                )
+            compiler = self._compiled["regional"]
         assert isinstance(compiler, RegionalCompiler)
         return compiler
 
@@ -508,7 +514,9 @@ class EmbeddingEngine:
         host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
         host.copy_(vectors, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        # On the engine's device's stream, not the thread's current device's (0 unless set): on cuda:1 an
+        # event recorded on cuda:0 would report the copy done before it had run.
+        done.record(torch.cuda.current_stream(self.device))
         return PendingVectors(host, len(batch), done)
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
