@@ -6,6 +6,7 @@ A missing extra is simulated the way Python sees an uninstalled package: the mod
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,15 +17,16 @@ import pytest
 from scholarembed import Client, ScholarEmbedError
 
 
-def serve(*args: str, without: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def serve(*args: str, without: tuple[str, ...] = (), log_level: str = "INFO") -> subprocess.CompletedProcess[str]:
     """`scholarembed serve ARGS` in its own process, with the modules `without` uninstalled as far as it can see."""
     code = (
         "import sys\n"
         f"for name in {without!r}: sys.modules[name] = None\n"
         "from scholarembed_server.cli import main\n"
-        f"sys.exit(main(['serve', *{list(args)!r}]))\n"
+        f"sys.exit(main(['--log-level', {log_level!r}, 'serve', *{list(args)!r}]))\n"
     )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    quiet = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' weight-loading bar, if it loads
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=quiet)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -127,3 +129,17 @@ def test_the_banner_of_a_server_without_a_store_offers_a_command_that_works(in_p
     banner = server.server.banner()
     assert "store    none (--no-index): embeddings only" in banner
     assert banner.splitlines()[-1].split() == ["try", "scholarembed", "info", "--server", server.address]
+
+
+def test_a_store_another_server_holds_says_which_flag_gives_this_one_its_own(tmp_path, tiny_model_dir) -> None:
+    from scholarembed_server.index.embedded import EmbeddedIndex
+
+    held = EmbeddedIndex(tmp_path / "data")  # as a running server holds it
+    try:
+        # The store is opened once the model has loaded: its log lines are left out, the error is not.
+        result = serve("--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"),
+                       "--port", "0", "--http-port", "0", "--metrics-port", "0", log_level="ERROR")  # fmt: skip
+    finally:
+        held.close()
+    line = one_line_error(result)
+    assert "is in use by another process" in line and "--data-dir" in line
