@@ -24,7 +24,7 @@ StreamItem = str | tuple[str, str]
 DEFAULT_SERVER = "127.0.0.1:50051"  # where the client commands look for a server; serve's default address
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scholarembed",
         description="Scholarly text embeddings: serve the model (gRPC, HTTP, a search page, a passage store), "
@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--dimensions", type=int, default=0)
     evaluate.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense", help="ranking (dense)")
     evaluate.add_argument("--no-progress", action="store_true")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from . import logs
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
