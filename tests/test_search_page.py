@@ -153,3 +153,31 @@ def test_errors_are_shown_on_the_page(browser, page_url) -> None:
     error = browser.find_element(By.ID, "error").text
     assert error.startswith("404 not_found:") and "no-such-collection" in error
     assert not browser.find_elements(By.CSS_SELECTOR, "#results li")
+
+
+def test_with_tokens_the_page_loads_and_its_searches_need_one(tiny_engine, tmp_path) -> None:
+    """The page is static and holds no data, so it is served without a token; every search it sends needs one
+    (the page's "Access token" field)."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import InProcessServer
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("page-token\n")
+    server = InProcessServer(tiny_engine, http_port=0, auth_token_file=str(tokens), data_dir=str(tmp_path / "data"))
+    url = f"http://127.0.0.1:{server.server.http_port}/"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b'id="token"' in page.read()
+        body = json.dumps({"collection": "papers", "queries": ["protein"], "top_k": 1}).encode()
+        search = urllib.request.Request(url + "v1/search", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(search, timeout=30)
+        assert refused.value.code == 401
+        search.add_header("Authorization", "Bearer page-token")
+        with pytest.raises(urllib.error.HTTPError) as unknown:
+            urllib.request.urlopen(search, timeout=30)
+        assert unknown.value.code == 404  # past the token: the collection does not exist
+    finally:
+        server.stop()

@@ -143,3 +143,16 @@ def test_a_store_another_server_holds_says_which_flag_gives_this_one_its_own(tmp
         held.close()
     line = one_line_error(result)
     assert "is in use by another process" in line and "--data-dir" in line
+
+
+def test_compile_opens_no_door_so_it_needs_no_http_extra(tmp_path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['uvicorn'] = None\n"
+        "from scholarembed_server.cli import main\n"
+        f"sys.exit(main(['compile', '--model', {str(tmp_path / 'none')!r}, '--output', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("scholarembed compile: error: model") and "scholarembed[http]" not in line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shlex
 import sys
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command in ("serve", "compile"):
+        config = from_arguments(args)
+        if args.command == "compile":  # compiles the model's shapes: it opens no door and no store
+            config = dataclasses.replace(config, http_port=None, metrics_port=None, data_dir=None, index_uri=None)
         # Before torch, the model or a door is imported: a missing package is named with its fix at once.
-        missing = missing_extra(from_arguments(args))
+        missing = missing_extra(config)
         if missing:
             print(f"scholarembed {args.command}: error: {missing}", file=sys.stderr)
             return 1
@@ -165,8 +169,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def serve_or_compile(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .app import load_engine, with_buckets
     from .app import serve as run_server
     from .config import batch_token_budget
