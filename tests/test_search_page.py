@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess
+from conftest import InProcessServer, ServerProcess
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -158,11 +160,6 @@ def test_errors_are_shown_on_the_page(browser, page_url) -> None:
 def test_with_tokens_the_page_loads_and_its_searches_need_one(tiny_engine, tmp_path) -> None:
     """The page is static and holds no data, so it is served without a token; every search it sends needs one
     (the page's "Access token" field)."""
-    import urllib.error
-    import urllib.request
-
-    from conftest import InProcessServer
-
     tokens = tmp_path / "tokens"
     tokens.write_text("page-token\n")
     server = InProcessServer(tiny_engine, http_port=0, auth_token_file=str(tokens), data_dir=str(tmp_path / "data"))
