@@ -193,8 +193,8 @@ class EmbeddingServer:
                 self.port = self.server.add_insecure_port(address)
             else:
                 self.port = self.server.add_secure_port(address, self.credentials)
-        except RuntimeError as error:  # grpc's "Failed to bind to address"
-            raise port_error(self.config, "port", "address in use") from error
+        except RuntimeError as error:  # grpc's "Failed to bind to address", which gives no reason
+            raise port_error(self.config, "port", "in use, or not allowed") from error
         await self.server.start()
         if self.http is not None:
             try:
@@ -233,25 +233,22 @@ class EmbeddingServer:
             lines.append(f"  HTTP     {http_url + '/':28} search page; /v1/embeddings, /v1/search, /docs")
         if self.metrics_port is not None:
             lines.append(f"  metrics  {scheme}://{host}:{self.metrics_port}/metrics")
+        # The client commands' default server is 127.0.0.1:50051.
+        server = [] if self.port == 50051 else ["--server", f"{host}:{self.port}"]
         if self.index is None:
             lines.append("  store    none (--no-index): embeddings only")
+            first = ["scholarembed", "info", *server]
         else:
+            collections = self.index.list_collections()
             where = self.config.index_uri or self.config.data_dir
-            count = len(self.index.list_collections())
-            lines.append(f"  store    {where} ({count} collection{'' if count == 1 else 's'})")
-        lines.append(f"  try      {self._first_command()}")
+            lines.append(f"  store    {where} ({len(collections)} collection{'' if len(collections) == 1 else 's'})")
+            if collections:
+                first = ["scholarembed", "search", "your question", "--collection", collections[0].name, *server]
+            else:
+                corpus = str(SAMPLE_CORPUS) if SAMPLE_CORPUS.exists() else "corpus.jsonl"
+                first = ["scholarembed", "index", "--corpus", corpus, "--collection", "papers", *server]
+        lines.append(f"  try      {shlex.join(first)}")
         return "\n".join(lines)
-
-    def _first_command(self) -> str:
-        # The client commands' default server is 127.0.0.1:50051.
-        server = [] if self.port == 50051 else ["--server", f"{self.config.host}:{self.port}"]
-        if self.index is None:
-            return shlex.join(["scholarembed", "info", *server])
-        collections = self.index.list_collections()
-        if collections:
-            return shlex.join(["scholarembed", "search", "your question", "--collection", collections[0].name, *server])
-        corpus = str(SAMPLE_CORPUS) if SAMPLE_CORPUS.exists() else "corpus.jsonl"
-        return shlex.join(["scholarembed", "index", "--corpus", corpus, "--collection", "papers", *server])
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
