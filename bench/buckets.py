@@ -102,6 +102,9 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "tokenizer": str(args.tokenizer), "rows": rows}
     path.write_text(json.dumps(report | {"workload": summary}, indent=2))
     print(f"wrote {path}")
+    from bench import plots  # matplotlib, only once there is something to draw
+
+    plots.save(report, path)
 
 
 if __name__ == "__main__":

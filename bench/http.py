@@ -52,7 +52,7 @@ def serve(*args: str) -> Iterator[tuple[str, str]]:
         with log_path.open("wb") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "scholarembed_server", "serve", "--port", "0", "--port-file", str(port_file),
-                 "--http-port", "0", *args],
+                 "--http-port", "0", "--no-metrics", "--no-index", *args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
             try:
@@ -247,6 +247,9 @@ def main() -> None:
     path = args.output / f"http-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
+    from bench import plots  # matplotlib, only once there is something to draw
+
+    plots.save(report, path)
 
 
 if __name__ == "__main__":

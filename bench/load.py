@@ -114,6 +114,9 @@ def main() -> None:
     path = args.output / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
+    from bench import plots  # matplotlib, only once there is something to draw
+
+    plots.save(report, path)
 
 
 if __name__ == "__main__":

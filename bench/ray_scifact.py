@@ -60,8 +60,9 @@ def main() -> int:
         loaded = time.perf_counter() - started
         port_file = Path(folder) / "port"
         server = subprocess.Popen(
-            [*cli, "serve", "--model", model, "--port", "0", "--port-file", str(port_file), "--data-dir", str(data)]
-        )
+            [*cli, "serve", "--model", model, "--port", "0", "--port-file", str(port_file), "--data-dir", str(data),
+             "--no-http", "--no-metrics"]
+        )  # fmt: skip
         try:
             while not (port_file.exists() and port_file.read_text()):
                 if server.poll() is not None:

@@ -202,10 +202,13 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"search-{'modes-' if args.modes else ''}cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     machine = f"{platform.machine()} {os.cpu_count()} cores"
-    path.write_text(
-        json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "runs": reports}, indent=2)
-    )
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "runs": reports}
+    path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
+    if args.modes:  # search latency against collection size, for each mode
+        from bench import plots  # matplotlib, only once there is something to draw
+
+        plots.save(report, path)
 
 
 if __name__ == "__main__":

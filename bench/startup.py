@@ -136,7 +136,7 @@ def serve_phase(model_dir: Path, device: str, cache_dir: Path, log_path: Path) -
     command = [
         sys.executable, "-m", "scholarembed_server", "--log-level", "INFO", "serve", "--model", str(model_dir),
         "--port", "0", "--port-file", str(port_file), "--device", device, "--compile", "on",
-        "--compile-cache-dir", str(cache_dir),
+        "--compile-cache-dir", str(cache_dir), "--no-http", "--no-metrics", "--no-index",
     ]  # fmt: skip
     started = time.perf_counter()
     server = subprocess.Popen(command, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)

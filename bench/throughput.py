@@ -111,7 +111,8 @@ def server_stream(model_dir: str, passages: list[tuple[str, str]]) -> tuple[np.n
         port_file = Path(folder) / "port"
         server = subprocess.Popen(
             [sys.executable, "-m", "scholarembed_server", "--log-level", "WARNING", "serve", "--model", model_dir,
-             "--port", "0", "--port-file", str(port_file), "--data-dir", str(Path(folder) / "data")],
+             "--port", "0", "--port-file", str(port_file), "--data-dir", str(Path(folder) / "data"),
+             "--no-http", "--no-metrics"],
         )  # fmt: skip
         try:
             while not (port_file.exists() and port_file.read_text()):
@@ -225,6 +226,9 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2))
     print(f"\ningest / embed through the server: {report['ingest_vs_embed']:.2f}x")
     print(f"wrote {path}", file=sys.stderr)
+    from bench import plots  # matplotlib, only once there is something to draw
+
+    plots.save(report, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,6 +363,9 @@ def start_server(
             "0",
             "--port-file",
             str(port_file),
+            "--no-http",
+            "--no-metrics",
+            "--no-index",
             *flags,
         ],
         stdout=log_path.open("wb"),
@@ -666,6 +673,9 @@ def finish(args: argparse.Namespace, report: dict[str, Any], results: list[Resul
     path = args.output / f"throughput-{args.arch}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
+    from bench import plots  # matplotlib, only once there is something to draw
+
+    plots.save(report, path)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,19 @@ class ServerProcess:
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self.log = self.log_path.open("wb")
+        # serve's defaults bind fixed HTTP and metrics ports and keep the store under $HOME: each test server
+        # gets free ports and a folder of its own instead (the test's own flags and variables still win).
+        isolated = {
+            "SCHOLAREMBED_HTTP_PORT": "0",
+            "SCHOLAREMBED_METRICS_PORT": "0",
+            "SCHOLAREMBED_DATA_DIR": str(tmp_path / f"data-{time.monotonic_ns()}"),
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scholarembed_server", "serve", "--port", "0", "--port-file", str(port_file), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
+            env={**isolated, **os.environ},
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists() or not port_file.read_text():

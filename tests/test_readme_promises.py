@@ -1,5 +1,9 @@
-"""What the README promises and no other test exercised, each end to end on a real server over a socket.
+"""What the README and the documentation site (docs/) promise and no other test exercised, each end to end
+on a real server over a socket, or against the code that keeps the promise.
 
+The documents themselves: the README stays short and its links resolve, every `scholarembed` command line
+they show parses with the real command line, every serve flag is on the configuration page, the defaults
+they state are serve's, and the milvus extra brings what `--index-uri ./milvus.db` needs.
 Flags and limits (--max-concurrent-rpcs, --max-message-bytes, --max-tokens, --dtype, SCHOLAREMBED_<FLAG>
 and flag precedence, --log-format json with request ids), the store's refusals (FAILED_PRECONDITION,
 DATA_LOSS), the CLI's resumable `index` and its `search`, the client's connection options, and model
@@ -9,8 +13,10 @@ folders with CLS pooling and Dense layers with a bias and an activation.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tomllib
 import torch
 from conftest import TINY_MATRYOSHKA, ServerProcess, wait_for
 from reference import ModelCard, card_query, cosine
@@ -34,6 +41,7 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed.v1 import search_pb2 as spb
 from scholarembed.v1 import search_pb2_grpc as spb_grpc
 from scholarembed_server import config as server_config
+from scholarembed_server.cli import build_parser
 from scholarembed_server.engine import EmbeddingEngine, InputType
 from scholarembed_server.index.base import IndexKind, StoredPassage, VectorStorage
 from scholarembed_server.index.embedded import EmbeddedIndex
@@ -456,3 +464,102 @@ def test_cls_pooling_and_dense_bias_and_activation_match_independent_oracles(
     server = in_process_server(engine=engine)
     with Client(server.address) as client:
         assert cosine(client.embed(texts, input_type="raw").vectors, expected).min() >= 0.99999
+
+
+# -- the documents -----------------------------------------------------------------------------------
+
+REPO = Path(__file__).parents[1]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def test_the_readme_is_short_and_every_link_in_it_resolves() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220  # what it is, the two commands, one example per door, links
+    targets = re.findall(r"\]\(([^)#\s]+)[^)]*\)", readme)
+    local = [target for target in targets if not target.startswith(("http://", "https://"))]
+    assert "docs/index.md" in local and "docs/quickstart.md" in local
+    assert [target for target in local if not (REPO / target).exists()] == []
+
+
+def documented_command_lines() -> list[tuple[str, list[str]]]:
+    """Every `scholarembed ...` line of the documents' code blocks (continuations joined), as argv."""
+    lines = []
+    for document in DOCUMENTS:
+        in_code = False
+        pending = ""
+        for line in document.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+                continue
+            if not in_code:
+                continue
+            line = pending + line.split(" #")[0].strip()
+            if line.endswith("\\"):
+                pending = line[:-1] + " "
+                continue
+            pending = ""
+            command = re.sub(r"^(SCHOLAREMBED_\w+=\S+ )+", "", line)
+            if command.startswith("scholarembed ") and "..." not in command:
+                lines.append((document.name, shlex.split(command)[1:]))
+    return lines
+
+
+def test_every_command_line_in_the_documents_parses(capsys) -> None:
+    commands = documented_command_lines()
+    shown = {argv[0] for _, argv in commands}
+    assert {"serve", "index", "search", "eval", "embed", "load", "info"} <= shown
+    parser = build_parser()
+    for document, argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{document}: `scholarembed {shlex.join(argv)}` does not parse: {capsys.readouterr().err}")
+
+
+def test_every_serve_flag_is_on_the_configuration_page() -> None:
+    page = (REPO / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `(--[a-z-]+)`(?: / `(--[a-z-]+)`)?", page, re.MULTILINE))
+    documented_flags = {flag for pair in documented for flag in pair if flag}
+    [serve] = [
+        action.choices["serve"] for action in build_parser()._actions if isinstance(action.choices, dict)
+    ]  # fmt: skip
+    flags = {option for action in serve._actions for option in action.option_strings if option.startswith("--")}
+    missing = flags - documented_flags - {"--help", "--port-file", "--no-auth-open-probes"}
+    assert missing == set(), f"serve flags not on docs/configuration.md: {sorted(missing)}"
+
+
+def test_the_defaults_the_documents_state_are_serves(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    for name in ("HTTP_PORT", "METRICS_PORT", "DATA_DIR", "PORT", "HOST"):
+        monkeypatch.delenv(f"SCHOLAREMBED_{name}", raising=False)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    server_config.add_arguments(parser)
+    defaults = server_config.from_arguments(parser.parse_args([]))
+    assert (defaults.host, defaults.port, defaults.http_port, defaults.metrics_port) == ("127.0.0.1", 50051, 8080, 9464)
+    assert defaults.data_dir == str(tmp_path / ".local" / "share" / "scholarembed")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert server_config.default_data_dir() == tmp_path / "xdg" / "scholarembed"
+    stated = "".join(document.read_text() for document in (REPO / "README.md", REPO / "docs" / "quickstart.md"))
+    for fact in ("127.0.0.1:50051", "http://127.0.0.1:8080/", "http://127.0.0.1:9464/metrics",
+                 "~/.local/share/scholarembed", "--no-http", "--no-metrics", "--no-index"):  # fmt: skip
+        assert fact in stated
+    off = server_config.from_arguments(parser.parse_args(["--no-http", "--no-metrics", "--no-index"]))
+    assert (off.http_port, off.metrics_port, off.data_dir, off.index_uri) == (None, None, None, None)
+
+
+def test_the_milvus_extra_brings_what_a_milvus_lite_file_needs() -> None:
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    requirements = {Requirement(line).name: Requirement(line) for line in extras["milvus"]}
+    providers = importlib.metadata.packages_distributions()
+    # The modules serve checks for `--index-uri ./milvus.db` are installed by the extra's distributions ...
+    for module in ("pymilvus", "milvus_lite"):
+        assert {name.lower() for name in providers[module]} & set(requirements), module
+    # ... at versions the extra allows (the ones the Milvus contract tests run here).
+    for name, requirement in requirements.items():
+        assert requirement.specifier.contains(importlib.metadata.version(name)), requirement
+    assert server_config.missing_extra(server_config.ServerConfig(index_uri="papers.db", http_port=None)) is None

@@ -77,7 +77,7 @@ def test_queries_and_passages_equal_the_model_card(client, card, dimensions) -> 
     assert cosine(passages, expected).min() >= ORACLE
 
 
-def test_raw_stub_bytes_are_little_endian_float32(tiny_server, card) -> None:
+def test_raw_stub_bytes_are_little_endian_float32(tiny_server, tiny_model_dir, card) -> None:
     """What a client in any language does: raw stubs, then decode the bytes by the documented layout."""
     with grpc.insecure_channel(tiny_server.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
@@ -85,7 +85,7 @@ def test_raw_stub_bytes_are_little_endian_float32(tiny_server, card) -> None:
     assert response.encoding == pb.ENCODING_FLOAT32
     assert response.dimensions == 32
     assert response.usage.total_tokens == sum(e.token_count for e in response.embeddings)
-    assert response.model == "tiny-embeddinggemma"
+    assert response.model == str(tiny_model_dir.resolve())  # a local folder's id is its path (--served-model-name)
     for text, embedding in zip(TEXTS[:2], response.embeddings, strict=True):
         assert len(embedding.data) == 4 * 32
         vector = np.frombuffer(embedding.data, dtype="<f4")

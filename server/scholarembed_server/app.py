@@ -1,9 +1,9 @@
 """The server process: one engine, batcher and index, the doors over them (gRPC, with health, reflection and
 metrics), and their lifecycle.
 
-Lifecycle: bind -> health NOT_SERVING -> warm the model up -> SERVING. On SIGTERM (or stop()):
-health NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get `grace_s` to finish, then the
-batcher drains and stops.
+Lifecycle: check the ports -> load the model -> bind -> health NOT_SERVING -> warm the model up -> SERVING,
+and a banner with every address. On SIGTERM (or stop()): health NOT_SERVING, new calls get UNAVAILABLE,
+in-flight calls get `grace_s` to finish, then the batcher drains and stops.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shlex
 import signal
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +32,7 @@ from .config import ServerConfig, batch_token_budget
 from .embedder import TextEmbedder
 from .engine import EmbeddingEngine, use_compile_cache
 from .grpc.embedding import EmbeddingServicer
-from .grpc.search import SearchServicer
+from .grpc.search import SearchServicer, search_disabled_handler
 from .index import open_index
 from .metrics import Metrics
 from .searcher import Searcher
@@ -43,6 +45,14 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 SEARCH_SERVICE = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+# The ports a server binds: config field, what listens there, the flags that change it.
+PORTS = (
+    ("port", "gRPC", "--port"),
+    ("http_port", "HTTP", "--http-port (or --no-http)"),
+    ("metrics_port", "metrics", "--metrics-port (or --no-metrics)"),
+)
+# The first command the banner offers on an empty store, when serve runs in a clone of the repository.
+SAMPLE_CORPUS = Path("examples/papers.jsonl")
 
 
 def load_engine(config: ServerConfig) -> EmbeddingEngine:
@@ -53,7 +63,30 @@ def load_engine(config: ServerConfig) -> EmbeddingEngine:
         max_tokens=config.max_tokens,
         revision=config.revision,
         matryoshka_dims=config.matryoshka_dim_list,
+        served_model_name=config.served_model_name,
     )
+
+
+def port_error(config: ServerConfig, field: str, reason: str) -> OSError:
+    """The one-line start-up error of a port that cannot be bound: which port, and the flag that changes it."""
+    what, flags = next((what, flags) for name, what, flags in PORTS if name == field)
+    port = getattr(config, field)
+    return OSError(f"cannot serve {what} on {config.host}:{port} ({reason}): choose another port with {flags}")
+
+
+def check_ports(config: ServerConfig) -> None:
+    """Answer at once, before the model loads, if a fixed port is taken. Binding itself comes after the
+    load; start() gives the same error should a port be taken in between."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    for field, _, _ in PORTS:
+        if not getattr(config, field):  # None: off; 0: any free port
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+            try:
+                probe.bind((config.host, getattr(config, field)))
+            except OSError as error:
+                raise port_error(config, field, error.strerror or str(error)) from error
 
 
 def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngine:
@@ -135,6 +168,8 @@ class EmbeddingServer:
                 SearchServicer(self.searcher, config, self.metrics), self.server
             )
             self.services.append(SEARCH_SERVICE)
+        else:
+            self.server.add_generic_rpc_handlers((search_disabled_handler(),))
         self.http: HttpDoor | None = None
         self.http_port: int | None = None
         if config.http_port is not None:
@@ -153,17 +188,24 @@ class EmbeddingServer:
         """Bind, serve health (NOT_SERVING), warm up, then report SERVING. Returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        if self.credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.credentials)
-        if self.port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        try:
+            if self.credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self.credentials)
+        except RuntimeError as error:  # grpc's "Failed to bind to address", which gives no reason
+            raise port_error(self.config, "port", "in use, or not allowed") from error
         await self.server.start()
         if self.http is not None:
-            self.http_port = await self.http.start()
+            try:
+                self.http_port = await self.http.start()
+            except OSError as error:
+                raise port_error(self.config, "http_port", error.strerror or str(error)) from error
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            try:
+                self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            except OSError as error:
+                raise port_error(self.config, "metrics_port", error.strerror or str(error)) from error
         self.batcher.start()
         # Compiling layers: SERVING once the eager path is warm; lengths switch to compiled as they become ready.
         serve_early = self.engine.compiles_layers
@@ -174,14 +216,39 @@ class EmbeddingServer:
             self.batcher.compile_in_background()
         if self.config.port_file:
             Path(self.config.port_file).write_text(str(self.port))
-        log.info(
-            "serving %s on %s:%d (metrics port %s)",
-            self.engine.model_id,
-            self.config.host,
-            self.port,
-            self.metrics_port,
-        )
+        log.info("%s", self.banner())
         return self.port
+
+    def banner(self) -> str:
+        """Every address the server answers on, and one command to try first."""
+        host, scheme = self.config.host, "https" if self.config.tls_cert else "http"
+        grpc_address = f"{host}:{self.port}"
+        lines = [
+            f"serving {self.engine.model_id} on {grpc_address} (metrics port {self.metrics_port})",
+            f"  gRPC     {grpc_address:28} {', '.join(name.rpartition('.')[2] for name in self.services)}, "
+            "health, reflection",
+        ]
+        if self.http_port is not None:
+            http_url = f"{scheme}://{host}:{self.http_port}"
+            lines.append(f"  HTTP     {http_url + '/':28} search page; /v1/embeddings, /v1/search, /docs")
+        if self.metrics_port is not None:
+            lines.append(f"  metrics  {scheme}://{host}:{self.metrics_port}/metrics")
+        # The client commands' default server is 127.0.0.1:50051.
+        server = [] if self.port == 50051 else ["--server", f"{host}:{self.port}"]
+        if self.index is None:
+            lines.append("  store    none (--no-index): embeddings only")
+            first = ["scholarembed", "info", *server]
+        else:
+            collections = self.index.list_collections()
+            where = self.config.index_uri or self.config.data_dir
+            lines.append(f"  store    {where} ({len(collections)} collection{'' if len(collections) == 1 else 's'})")
+            if collections:
+                first = ["scholarembed", "search", "your question", "--collection", collections[0].name, *server]
+            else:
+                corpus = str(SAMPLE_CORPUS) if SAMPLE_CORPUS.exists() else "corpus.jsonl"
+                first = ["scholarembed", "index", "--corpus", corpus, "--collection", "papers", *server]
+        lines.append(f"  try      {shlex.join(first)}")
+        return "\n".join(lines)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
@@ -212,6 +279,7 @@ async def create_server(config: ServerConfig, engine: EmbeddingEngine | None = N
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
+    check_ports(config)
     server, _port = await create_server(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,5 @@
 """`scholarembed` command line: serve, compile (ahead, for replicas), embed (bulk, through a server or
-in-process), info.
+in-process), load, info, index, search, eval.
 
 torch and transformers are imported only by the commands that need them, so `scholarembed embed
 --server ...` and `scholarembed info` work with the light client install.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +19,32 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, add_arguments, from_arguments, missing_extra
+
 StreamItem = str | tuple[str, str]
+DEFAULT_SERVER = "127.0.0.1:50051"  # where the client commands look for a server; serve's default address
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scholarembed", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scholarembed",
+        description="Scholarly text embeddings: serve the model (gRPC, HTTP, a search page, a passage store), "
+        "and the commands that use a server: index, search, eval, embed, info.",
+        epilog="Start with `scholarembed serve`, then `scholarembed index --corpus FILE --collection NAME`. "
+        "Each command has --help.",
+    )
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the model over gRPC")
-    from .config import add_arguments
-
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model: gRPC, the HTTP door and search page, metrics, the embedded passage store",
+        description=f"Serve the model. With no flag: gRPC on {DEFAULT_SERVER}, HTTP (the search page, OpenAI "
+        f"/v1/embeddings, /v1/search) on {DEFAULT_HTTP_PORT}, Prometheus metrics on {DEFAULT_METRICS_PORT}, and "
+        "the embedded passage store in "
+        "$XDG_DATA_HOME/scholarembed (~/.local/share/scholarembed). --no-http, --no-metrics and --no-index turn "
+        "parts off.",
+    )
     add_arguments(serve)
 
     compile_ahead = commands.add_parser(
@@ -52,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--title-field", default="title", help="JSONL field holding the title (passages)")
     embed.add_argument("--batch-size", type=int, default=64, help="texts per request")
     source = embed.add_mutually_exclusive_group()
-    source.add_argument("--server", default="127.0.0.1:50051", help="server address (default)")
+    source.add_argument("--server", default=DEFAULT_SERVER, help="server address (default)")
     source.add_argument("--model", help="run in-process with this model (hub id or folder) instead of a server")
     embed.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -62,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     add_load_command(commands)
 
     info = commands.add_parser("info", help="print the model info of a running server")
-    info.add_argument("--server", default="127.0.0.1:50051")
+    info.add_argument("--server", default=DEFAULT_SERVER)
 
     index = commands.add_parser("index", help="stream a BEIR-style JSONL corpus into a collection (resumable)")
     index.add_argument("--corpus", required=True, type=Path, help="JSONL with _id (or id), title, text, metadata")
     index.add_argument("--collection", required=True)
-    index.add_argument("--server", default="127.0.0.1:50051")
+    index.add_argument("--server", default=DEFAULT_SERVER)
     index.add_argument("--batch-size", type=int, default=64, help="passages per upsert request")
     index.add_argument("--index-kind", choices=["flat", "hnsw", "ivf"], help="for a new collection")
     index.add_argument("--no-progress", action="store_true")
@@ -75,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     search = commands.add_parser("search", help="search a collection and print a table")
     search.add_argument("query")
     search.add_argument("--collection", required=True)
-    search.add_argument("--server", default="127.0.0.1:50051")
+    search.add_argument("--server", default=DEFAULT_SERVER)
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--dimensions", type=int, default=0)
     search.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense", help="ranking (dense)")
@@ -84,16 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--beir", required=True, type=Path, help="folder with queries.jsonl and qrels/<split>.tsv")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--collection", required=True)
-    evaluate.add_argument("--server", default="127.0.0.1:50051")
+    evaluate.add_argument("--server", default=DEFAULT_SERVER)
     evaluate.add_argument("--dimensions", type=int, default=0)
     evaluate.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense", help="ranking (dense)")
     evaluate.add_argument("--no-progress", action="store_true")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from . import logs
 
     logs.configure(args.log_level, getattr(args, "log_format", "text"))
     if args.command in ("serve", "compile"):
+        config = from_arguments(args)
+        if args.command == "compile":  # compiles the model's shapes: it opens no door and no store
+            config = dataclasses.replace(config, http_port=None, metrics_port=None, data_dir=None, index_uri=None)
+        # Before torch, the model or a door is imported: a missing package is named with its fix at once.
+        missing = missing_extra(config)
+        if missing:
+            print(f"scholarembed {args.command}: error: {missing}", file=sys.stderr)
+            return 1
         from .errors import ScholarEmbedError
 
         try:
@@ -141,11 +169,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def serve_or_compile(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .app import load_engine, with_buckets
     from .app import serve as run_server
-    from .config import batch_token_budget, from_arguments
+    from .config import batch_token_budget
 
     config = from_arguments(args)
     if args.command == "serve":
@@ -222,6 +248,9 @@ def index_corpus(args: argparse.Namespace) -> int:
         progress.close()
         collection = client.get_collection(args.collection)
     print(f"upserted {upserted}; {args.collection!r} holds {collection.passage_count} passages", file=sys.stderr)
+    server = [] if args.server == DEFAULT_SERVER else ["--server", args.server]
+    search = ["scholarembed", "search", "your question", "--collection", args.collection, *server]
+    print(f"search it: {shlex.join(search)}", file=sys.stderr)
     return 0
 
 

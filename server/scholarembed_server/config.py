@@ -1,17 +1,24 @@
-"""Server configuration: one dataclass, filled from flags, each flag defaulting to an environment variable."""
+"""Server configuration: one dataclass, filled from flags, each flag defaulting to an environment variable.
+
+This module imports nothing heavy: the command line reads it to say which extra is missing before torch,
+the model or any door is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import DEFAULT_MODEL
-
+DEFAULT_MODEL = "LinerAI/embeddinggemma-300m-academic"
 ENV_PREFIX = "SCHOLAREMBED_"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_METRICS_PORT = 9464  # the Prometheus exporter port OpenTelemetry registered
 CUDA_BATCH_TOKENS = 65536  # an H100/H200's budget: 1.75x the eager throughput of 16,384 (2026-11-26 run)
 CPU_BATCH_TOKENS = 16384
 
@@ -29,6 +36,27 @@ def batch_token_budget(max_batch_tokens: int, device_type: str) -> int:
     return CUDA_BATCH_TOKENS if device_type == "cuda" else CPU_BATCH_TOKENS
 
 
+def default_data_dir() -> Path:
+    """Where `scholarembed serve` keeps the embedded store unless told otherwise: $XDG_DATA_HOME/scholarembed,
+    that is ~/.local/share/scholarembed (the XDG base directory rule: user data, kept across upgrades)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "scholarembed"
+
+
+def serve_defaults() -> dict[str, Any]:
+    """What `scholarembed serve` turns on when no flag says otherwise: the whole product (the HTTP door,
+    metrics, the embedded store in the default data folder). ServerConfig's own defaults stay "gRPC only",
+    so a program or test that builds a server in-process gets exactly what it asks for."""
+    return {"http_port": DEFAULT_HTTP_PORT, "metrics_port": DEFAULT_METRICS_PORT, "data_dir": str(default_data_dir())}
+
+
+# `--no-<part>`: the serve default each turns off, and the fields it clears (the last flag given wins).
+OFF_SWITCHES = {
+    "--no-http": (("http_port",), "serve no HTTP door (the search page, OpenAI /v1/embeddings, /v1/search)"),
+    "--no-metrics": (("metrics_port",), "serve no Prometheus /metrics"),
+    "--no-index": (("data_dir", "index_uri"), "no passage store: embeddings only, no SearchService"),
+}
+
+
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -36,6 +64,9 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclass
 class ServerConfig:
     model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local folder of the model")
+    served_model_name: str | None = _opt(
+        None, "the model id clients see and collections record; default: the hub id, or a local folder's path"
+    )
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) when --model is a hub id")
     host: str = _opt("127.0.0.1", "address to bind; use 0.0.0.0 to serve beyond this machine")
     port: int = _opt(50051, "gRPC port; 0 picks a free one (see --port-file)")
@@ -72,9 +103,11 @@ class ServerConfig:
     )
     tail: str = _opt("smaller", "a batch short of its bucket's rows: smaller (row ladder) or pad (full rows)")
     bucket_row_step: int = _opt(4, "row ladder of a bucket below its full row count: 1, step, step^2, ...")
-    data_dir: str | None = _opt(None, "folder for the embedded passage index (FAISS + SQLite); enables SearchService")
+    data_dir: str | None = _opt(
+        None, "folder of the embedded passage store (FAISS, SQLite, a lexical index); enables SearchService"
+    )
     index_uri: str | None = _opt(
-        None, "Milvus URI (http://host:19530, or a milvus-lite .db file) instead of --data-dir"
+        None, "Milvus URI (http://host:19530, or a milvus-lite .db file) instead of the embedded store"
     )
     index_kind: str = _opt("flat", "vector index of new collections: flat (exact), hnsw or ivf")
     vector_storage: str = _opt("float16", "precision of stored vectors: float16 or float32")
@@ -90,9 +123,9 @@ class ServerConfig:
         None, "file of accepted bearer tokens, one per line; tokens may also come from $SCHOLAREMBED_AUTH_TOKENS"
     )
     auth_open_probes: bool = _opt(False, "with auth on, leave health checking and reflection open for probes")
-    metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port (0 picks a free one)")
+    metrics_port: int | None = _opt(None, "port of Prometheus /metrics (0 picks a free one)")
     http_port: int | None = _opt(
-        None, "also serve the HTTP door (OpenAI /v1/embeddings, /v1/search, /health) on this port (0: a free one)"
+        None, "port of the HTTP door: the search page, OpenAI /v1/embeddings, /v1/search, /health (0: a free one)"
     )
     http_max_body_bytes: int = _opt(16 * 1024 * 1024, "largest HTTP request body; beyond, 413")
     http_default_input_type: str = _opt(
@@ -119,10 +152,11 @@ class ServerConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServerConfig field; each flag's default comes from SCHOLAREMBED_<FIELD> if set."""
+    """One flag per ServerConfig field, with serve's defaults; SCHOLAREMBED_<FIELD>, if set, replaces a default."""
+    defaults = serve_defaults()
     for config_field in dataclasses.fields(ServerConfig):
         env_name = ENV_PREFIX + config_field.name.upper()
-        default = os.environ.get(env_name, config_field.default)
+        default = os.environ.get(env_name, defaults.get(config_field.name, config_field.default))
         kind = _field_type(config_field)
         if kind is bool:
             parser.add_argument(
@@ -136,8 +170,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + config_field.name.replace("_", "-"),
             type=kind,
             default=None if default is None else kind(default),
-            help=f"{config_field.metadata['help']} [env {env_name}; default {config_field.default}]",
+            help=f"{config_field.metadata['help']} [env {env_name}; default {default}]",
         )
+    for flag, (fields, help) in OFF_SWITCHES.items():
+        parser.add_argument(flag, nargs=0, action=_TurnOff, dest=fields[0], const=fields, help=help)
+
+
+class _TurnOff(argparse.Action):
+    """Set each field in `const` to None."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *_: Any) -> None:
+        for name in self.const:
+            setattr(namespace, name, None)
 
 
 def from_arguments(arguments: argparse.Namespace) -> ServerConfig:
@@ -150,3 +194,26 @@ def _field_type(config_field: dataclasses.Field[Any]) -> type:
         if annotation.startswith(kind.__name__):
             return kind
     return str
+
+
+# What each optional part needs, as (modules, the extra that brings them).
+SERVER_MODULES = ("torch", "transformers", "safetensors", "huggingface_hub", "grpc_health", "grpc_reflection",
+                  "prometheus_client", "faiss")  # fmt: skip
+HTTP_MODULES = ("fastapi", "uvicorn", "orjson")
+
+
+def missing_extra(config: ServerConfig) -> str | None:
+    """What to pip install before this configuration can serve, or None. Checked before anything heavy is
+    imported, so a missing package is one line naming the fix, not a traceback after the model has loaded."""
+    needs: list[tuple[Sequence[str], str, str]] = [(SERVER_MODULES, "server", "the server")]
+    if config.http_port is not None:
+        needs.append((HTTP_MODULES, "http", "the HTTP door (on by default; --no-http turns it off)"))
+    if config.index_uri:
+        # A path ending in .db is opened in this process by milvus-lite; a URL reaches a Milvus server.
+        modules = ("pymilvus", "milvus_lite") if config.index_uri.endswith(".db") else ("pymilvus",)
+        needs.append((modules, "milvus", f"--index-uri {config.index_uri}"))
+    for modules, extra, what in needs:
+        absent = [module for module in modules if importlib.util.find_spec(module) is None]
+        if absent:
+            return f"{what} needs {', '.join(absent)}: pip install 'scholarembed[{extra}]'"
+    return None

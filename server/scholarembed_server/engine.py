@@ -27,11 +27,11 @@ from torch import nn
 
 from .buckets import LengthBuckets
 from .compilation import MIN_DYNAMIC_ROWS, RegionalCompiler, fx_graph_cache_counts, graphs_compiled
+from .config import DEFAULT_MODEL
 from .errors import InvalidArgumentError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "LinerAI/embeddinggemma-300m-academic"
 EMBEDDINGGEMMA_MATRYOSHKA_DIMS = (768, 512, 256, 128)
 
 
@@ -291,6 +291,7 @@ class EmbeddingEngine:
         revision: str | None = None,
         matryoshka_dims: Sequence[int] | None = None,
         prompts: PromptTemplates | None = None,
+        served_model_name: str | None = None,
     ) -> EmbeddingEngine:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -299,7 +300,10 @@ class EmbeddingEngine:
         torch_dtype = _resolve_dtype(dtype, torch_device)
         raw_config = _read_json(folder / "config.json")
         if not isinstance(raw_config, dict):
-            raise ModelLoadError(f"model {model!r}: {folder} has no config.json")
+            raise ModelLoadError(
+                f"model {model!r}: {folder} has no config.json; pass the folder a model was saved to "
+                "(save_pretrained, or a hub download: config.json, tokenizer and weights), or a hub id"
+            )
         try:
             config = AutoConfig.from_pretrained(folder)
             fix_bidirectional_sliding_window(config, raw_config)
@@ -349,7 +353,11 @@ class EmbeddingEngine:
         if max_tokens:
             position_limit = getattr(hf_model.config, "max_position_embeddings", None) or max_tokens
             limit = min(max_tokens, int(position_limit))
-        model_id = model if source.startswith(model) and not Path(model).is_dir() else folder.name
+        # The id clients see and collections record: the operator's name for it (--served-model-name, as in
+        # vLLM and TEI), else the hub id, else the folder's path. Never config.json's _name_or_path: it names
+        # the checkpoint a model was trained from (all-MiniLM-L6-v2's says nreimers/MiniLM-L6-H384-uncased),
+        # so a fine-tune would pass for its base, and share its collections.
+        model_id = served_model_name or (source if Path(model).expanduser().is_dir() else model)
         engine = cls(
             model=hf_model,
             tokenizer=tokenizer,

@@ -57,3 +57,15 @@ class FailedPreconditionError(ScholarEmbedError):
     another model or at another dimension."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SearchDisabledError(ScholarEmbedError):
+    """A search call on a server started without a passage store; the same words on every door."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "search is not enabled on this server (started with --no-index): restart it without --no-index "
+            "for the embedded store, or with --data-dir DIR or --index-uri URI"
+        )

@@ -14,10 +14,10 @@ from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
 
 from ..config import ServerConfig
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, SearchDisabledError
 from ..metrics import Metrics
 from ..searcher import Searcher
-from .status import to_rpc_status, unary
+from .status import abort, to_rpc_status, unary
 from .streams import ordered_stream
 
 
@@ -91,3 +91,23 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
         return await unary(self._metrics, "DeleteCollection", context, self._searcher.delete_collection(request))
+
+
+def search_disabled_handler() -> grpc.GenericRpcHandler:
+    """SearchService on a server without a store: every method answers UNIMPLEMENTED with the flags that
+    turn search on, where an unregistered service would only say "Method not found!"."""
+
+    async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
+        await abort(context, SearchDisabledError())
+
+    service = pb.DESCRIPTOR.services_by_name["SearchService"]
+    handlers = {
+        method.name: {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming](refuse)
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import orjson
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from google.protobuf import json_format
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
@@ -29,7 +30,7 @@ from scholarembed.v1 import search_pb2
 from .. import logs
 from ..config import ServerConfig
 from ..embedder import TextEmbedder
-from ..errors import InvalidArgumentError, ScholarEmbedError, UnavailableError
+from ..errors import InvalidArgumentError, ScholarEmbedError, SearchDisabledError, UnavailableError
 from ..metrics import Metrics
 from ..searcher import Searcher
 from ..security import bearer_token_accepted
@@ -52,6 +53,8 @@ MODEL_ALIASES = ("query", "passage")  # `<model>:query`, `<model>:passage`
 ROUTE_RPCS = {"/v1/embeddings": "Embed", "/v1/search": "Search", "/v1/models": "GetModelInfo"}
 # Probes and the API description: open without a token when --auth-open-probes, as gRPC health and reflection.
 OPEN_PATHS = ("/health", "/health/live", "/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect")
+# The search page: one static file that holds no data (its searches carry the token), so always open.
+SEARCH_PAGE = Path(__file__).with_name("search.html")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
@@ -71,13 +74,6 @@ class ModelNotFoundError(ScholarEmbedError):
     def __init__(self, model: str, served: str) -> None:
         super().__init__(f"model: {model!r} is not served here; use {served!r} (see GET /v1/models)")
         self.field = "model"
-
-
-class SearchDisabledError(ScholarEmbedError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-    def __init__(self) -> None:
-        super().__init__("search is not enabled on this server: start it with --data-dir or --index-uri")
 
 
 class DoorState:
@@ -162,6 +158,13 @@ def create_app(
                 response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
             )
         )
+
+    search_page = SEARCH_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """The search page: a query box over POST /v1/search, for people."""
+        return HTMLResponse(search_page)
 
     @app.get("/health/live", response_model=HealthStatus)
     async def live() -> HealthStatus:
@@ -309,7 +312,8 @@ class BearerTokenMiddleware:
         self.open_probes = open_probes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self.open_probes and scope.get("path") in OPEN_PATHS):
+        path = scope.get("path")
+        if scope["type"] != "http" or path == "/" or (self.open_probes and path in OPEN_PATHS):
             await self.app(scope, receive, send)
             return
         if not bearer_token_accepted(Headers(scope=scope).get("authorization", ""), self.tokens):

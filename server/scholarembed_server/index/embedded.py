@@ -598,7 +598,7 @@ def _lock_data_dir(data_dir: Path) -> Any:
         lock.close()
         raise DataDirInUseError(
             f"data dir {str(data_dir)!r} is in use by another process (a running server or a load); "
-            "stop it first, or load through that server"
+            "stop it first, load through that server, or give this one another folder (--data-dir)"
         ) from error
     return lock
 
