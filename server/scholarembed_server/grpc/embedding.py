@@ -13,13 +13,11 @@ import grpc
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 
-from .. import logs
 from ..config import ServerConfig
 from ..embedder import TextEmbedder, model_info
-from ..errors import InvalidArgumentError
 from ..metrics import Metrics
-from .status import to_rpc_status, unary
-from .streams import ordered_stream
+from .status import unary
+from .streams import in_band, ordered_stream, wrapped_request
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -34,19 +32,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        with self._metrics.track("EmbedStream", context):
-            async for response in ordered_stream(request_iterator, self._answer, self._config.stream_window):
-                yield response
+        async def embed(message: pb.EmbedStreamRequest) -> pb.EmbedResponse:
+            return await self._embedder.embed_request(wrapped_request(message), wait=True)
 
-    async def _answer(self, message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
-        logs.request_id.set(f"{logs.request_id.get()}/{message.request_id}")  # this task's own context
-        try:
-            if not message.HasField("request"):
-                raise InvalidArgumentError("request", "missing: every EmbedStreamRequest carries an EmbedRequest")
-            response = await self._embedder.embed_request(message.request, wait=True)
-            return pb.EmbedStreamResponse(request_id=message.request_id, response=response)
-        except Exception as error:
-            return pb.EmbedStreamResponse(request_id=message.request_id, error=to_rpc_status(error))
+        async def answer(message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
+            return await in_band(pb.EmbedStreamResponse, message.request_id, "response", embed(message))
+
+        with self._metrics.track("EmbedStream", context):
+            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
+                yield response
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -14,11 +14,10 @@ from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
 
 from ..config import ServerConfig
-from ..errors import InvalidArgumentError
 from ..metrics import Metrics
 from ..searcher import Searcher
-from .status import to_rpc_status, unary
-from .streams import ordered_stream
+from .status import unary
+from .streams import in_band, ordered_stream, wrapped_request
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
@@ -37,10 +36,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             my_turn, previous_commit = previous_commit, asyncio.get_running_loop().create_future()
             committed = previous_commit
             try:
-                upserted = await self._searcher.upsert(request, my_turn)
-                return pb.UpsertPassagesResponse(request_id=request.request_id, upserted=upserted)
-            except Exception as error:
-                return pb.UpsertPassagesResponse(request_id=request.request_id, error=to_rpc_status(error))
+                upsert = self._searcher.upsert(request, my_turn)
+                return await in_band(pb.UpsertPassagesResponse, request.request_id, "upserted", upsert)
             finally:
                 committed.set_result(None)
 
@@ -54,14 +51,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SearchStreamResponse]:
+        async def search(message: pb.SearchStreamRequest) -> pb.SearchResponse:
+            return await self._searcher.search(wrapped_request(message), wait=True)
+
         async def answer(message: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
-            try:
-                if not message.HasField("request"):
-                    raise InvalidArgumentError("request", "missing: every SearchStreamRequest carries a SearchRequest")
-                response = await self._searcher.search(message.request, wait=True)
-                return pb.SearchStreamResponse(request_id=message.request_id, response=response)
-            except Exception as error:
-                return pb.SearchStreamResponse(request_id=message.request_id, error=to_rpc_status(error))
+            return await in_band(pb.SearchStreamResponse, message.request_id, "response", search(message))
 
         with self._metrics.track("SearchStream", context):
             async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
