@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,7 +151,12 @@ def serve_or_compile(args: argparse.Namespace) -> int:
 
     config = from_arguments(args)
     if args.command == "serve":
-        asyncio.run(run_server(config))
+        status = asyncio.run(run_server(config))
+        if status:
+            # Broken (see lifecycle): a thread may be stuck in the device for good, and the interpreter would
+            # wait for it at exit, so exit without joining threads (the index is already closed).
+            logging.shutdown()
+            os._exit(status)
         return 0
     from .compilation import save_artifacts
 

@@ -16,18 +16,22 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from ..config import ServerConfig
 from ..embedder import TextEmbedder, model_info
 from ..metrics import Metrics
+from .admission import CallGate
 from .status import unary
-from .streams import in_band, ordered_stream, wrapped_request
+from .streams import in_band, serve_stream, wrapped_request
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, embedder: TextEmbedder, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, embedder: TextEmbedder, config: ServerConfig, metrics: Metrics, gate: CallGate) -> None:
         self._embedder = embedder
         self._config = config
         self._metrics = metrics
+        self._gate = gate
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await unary(self._metrics, "Embed", context, self._embedder.embed_request(request, wait=False))
+        return await unary(
+            self._gate, self._metrics, "Embed", context, lambda: self._embedder.embed_request(request, wait=False)
+        )
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
@@ -38,12 +42,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def answer(message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
             return await in_band(pb.EmbedStreamResponse, message.request_id, "response", embed(message))
 
-        with self._metrics.track("EmbedStream", context):
-            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
-                yield response
+        async for response in serve_stream(
+            self._gate, self._metrics, "EmbedStream", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        with self._metrics.track("GetModelInfo", context):
+        async def info() -> pb.GetModelInfoResponse:
             return model_info(self._embedder.engine, self._config)
+
+        return await unary(self._gate, self._metrics, "GetModelInfo", context, info)

@@ -16,15 +16,17 @@ from scholarembed.v1 import search_pb2_grpc as pb_grpc
 from ..config import ServerConfig
 from ..metrics import Metrics
 from ..searcher import Searcher
+from .admission import CallGate
 from .status import unary
-from .streams import in_band, ordered_stream, wrapped_request
+from .streams import in_band, serve_stream, wrapped_request
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, searcher: Searcher, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, searcher: Searcher, config: ServerConfig, metrics: Metrics, gate: CallGate) -> None:
         self._searcher = searcher
         self._config = config
         self._metrics = metrics
+        self._gate = gate
 
     async def UpsertPassages(
         self, request_iterator: AsyncIterator[pb.UpsertPassagesRequest], context: grpc.aio.ServicerContext
@@ -41,12 +43,15 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             finally:
                 committed.set_result(None)
 
-        with self._metrics.track("UpsertPassages", context):
-            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
-                yield response
+        async for response in serve_stream(
+            self._gate, self._metrics, "UpsertPassages", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        return await unary(self._metrics, "Search", context, self._searcher.search(request, wait=False))
+        return await unary(
+            self._gate, self._metrics, "Search", context, lambda: self._searcher.search(request, wait=False)
+        )
 
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
@@ -57,31 +62,42 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         async def answer(message: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
             return await in_band(pb.SearchStreamResponse, message.request_id, "response", search(message))
 
-        with self._metrics.track("SearchStream", context):
-            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
-                yield response
+        async for response in serve_stream(
+            self._gate, self._metrics, "SearchStream", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def DeletePassages(
         self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePassagesResponse:
-        return await unary(self._metrics, "DeletePassages", context, self._searcher.delete_passages(request))
+        return await unary(
+            self._gate, self._metrics, "DeletePassages", context, lambda: self._searcher.delete_passages(request)
+        )
 
     async def GetPassages(
         self, request: pb.GetPassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPassagesResponse:
-        return await unary(self._metrics, "GetPassages", context, self._searcher.get_passages(request))
+        return await unary(
+            self._gate, self._metrics, "GetPassages", context, lambda: self._searcher.get_passages(request)
+        )
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        return await unary(self._metrics, "ListCollections", context, self._searcher.list_collections(request))
+        return await unary(
+            self._gate, self._metrics, "ListCollections", context, lambda: self._searcher.list_collections(request)
+        )
 
     async def GetCollection(
         self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCollectionResponse:
-        return await unary(self._metrics, "GetCollection", context, self._searcher.get_collection(request))
+        return await unary(
+            self._gate, self._metrics, "GetCollection", context, lambda: self._searcher.get_collection(request)
+        )
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        return await unary(self._metrics, "DeleteCollection", context, self._searcher.delete_collection(request))
+        return await unary(
+            self._gate, self._metrics, "DeleteCollection", context, lambda: self._searcher.delete_collection(request)
+        )

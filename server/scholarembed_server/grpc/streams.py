@@ -1,5 +1,5 @@
-"""Bidirectional streams answered in order, with a bounded window of requests in progress, each answer
-carrying its request's result or, in-band, its error."""
+"""Bidirectional streams: admitted and timed as calls, answered in order with a bounded window of requests in
+progress, each answer carrying its request's result or, in-band, its error."""
 
 from __future__ import annotations
 
@@ -7,12 +7,37 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import grpc
+
 from .. import logs
 from ..errors import InvalidArgumentError
-from .status import to_rpc_status
+from ..metrics import Metrics
+from .admission import CallGate
+from .status import abort, status_code, to_rpc_status
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+
+
+async def serve_stream(
+    gate: CallGate,
+    metrics: Metrics,
+    rpc: str,
+    context: grpc.aio.ServicerContext,
+    request_iterator: AsyncIterator[RequestT],
+    answer: Callable[[RequestT], Coroutine[Any, Any, ResponseT]],
+    window: int,
+) -> AsyncIterator[ResponseT]:
+    """Answer a bidirectional stream (see `ordered_stream`), timed, once `gate` admits it (a stream waits
+    for a call slot rather than being refused)."""
+    with metrics.track(rpc, context) as outcome:
+        try:
+            async with gate.admit(wait=True):
+                async for response in ordered_stream(request_iterator, answer, window):
+                    yield response
+        except Exception as error:  # refused (the server is broken), or the request stream broke
+            outcome.code = status_code(error)
+            await abort(context, error)
 
 
 async def ordered_stream(
