@@ -112,6 +112,10 @@ class EmbeddingServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # Off: its default (an experiment of gRPC's) counts a stream until the application has freed
+                # it, so it refuses (REFUSED_STREAM) streams a client opened within the advertised limit.
+                # Without it a client queues its streams beyond the limit, as HTTP/2 intends.
+                ("grpc.http.overload_protection", 0),
                 # Keepalive enforcement. The option names must be exact: gRPC ignores misspelt ones silently.
                 ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
                 ("grpc.http2.max_ping_strikes", 2),
