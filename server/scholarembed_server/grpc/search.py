@@ -21,6 +21,31 @@ from .status import unary
 from .streams import in_band, serve_stream, wrapped_request
 
 
+class CommitLine:
+    """The commit order of one UpsertPassages stream: each request commits only after the one before it
+    has committed or failed, whatever order their embeddings finish in, so a later version of an id wins.
+
+    A request joins the line when it is read (`join`: its turn, and the future it completes when done)
+    and leaves it when answered (`leave`). One that fails before its turn (bad input, a failed embedding)
+    passes its turn on only once its turn has come, so the request after it cannot overtake the one
+    before it.
+    """
+
+    def __init__(self) -> None:
+        self._last_done: asyncio.Future[None] | None = None
+
+    def join(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        my_turn, self._last_done = self._last_done, asyncio.get_running_loop().create_future()
+        return my_turn, self._last_done
+
+    @staticmethod
+    def leave(my_turn: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        if my_turn is None or my_turn.done():
+            done.set_result(None)
+        else:
+            my_turn.add_done_callback(lambda _: done.set_result(None))
+
+
 class SearchServicer(pb_grpc.SearchServiceServicer):
     def __init__(self, searcher: Searcher, config: ServerConfig, metrics: Metrics, gate: CallGate) -> None:
         self._searcher = searcher
@@ -31,17 +56,15 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def UpsertPassages(
         self, request_iterator: AsyncIterator[pb.UpsertPassagesRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UpsertPassagesResponse]:
-        previous_commit: asyncio.Future[None] | None = None
+        line = CommitLine()
 
         async def answer(request: pb.UpsertPassagesRequest) -> pb.UpsertPassagesResponse:
-            nonlocal previous_commit
-            my_turn, previous_commit = previous_commit, asyncio.get_running_loop().create_future()
-            committed = previous_commit
+            my_turn, done = line.join()
             try:
                 upsert = self._searcher.upsert(request, my_turn)
                 return await in_band(pb.UpsertPassagesResponse, request.request_id, "upserted", upsert)
             finally:
-                committed.set_result(None)
+                line.leave(my_turn, done)
 
         async for response in serve_stream(
             self._gate, self._metrics, "UpsertPassages", context, request_iterator, answer, self._config.stream_window
