@@ -108,8 +108,9 @@ def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
         with pytest.raises(QueueFullError):
             await batcher.embed([rows[1]], wait=False)
         waiting = asyncio.ensure_future(batcher.embed([rows[1]], wait=True))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # one turn: enough to refuse it or to admit it, and it must do neither
         assert not waiting.done()  # a stream waits for room instead of failing
+        assert batcher.queued_tokens == len(rows[0])  # and is not admitted while there is none
         held.gate.set()
         await asyncio.wait_for(asyncio.gather(first, waiting), 30)
         assert batcher.queued_tokens == 0
