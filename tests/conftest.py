@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,10 @@ def wait_serving(
 class ServerProcess:
     """`scholarembed serve` in a subprocess on a free loopback port: the real thing, end to end."""
 
-    def __init__(self, tmp_path: Path, *args: str, preexec_fn: Any = None) -> None:
+    def __init__(
+        self, tmp_path: Path, *args: str, preexec_fn: Any = None, program: Sequence[str] = ("-m", "scholarembed_server")
+    ) -> None:
+        """`program`: what Python runs, e.g. a test script that wraps the command line (tests/faults.py)."""
         port_file = tmp_path / f"port-{time.monotonic_ns()}"
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
@@ -94,7 +97,7 @@ class ServerProcess:
             "SCHOLAREMBED_DATA_DIR": str(tmp_path / f"data-{time.monotonic_ns()}"),
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "scholarembed_server", "serve", "--port", "0", "--port-file", str(port_file), *args],
+            [sys.executable, *program, "serve", "--port", "0", "--port-file", str(port_file), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,

@@ -108,8 +108,9 @@ def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
         with pytest.raises(QueueFullError):
             await batcher.embed([rows[1]], wait=False)
         waiting = asyncio.ensure_future(batcher.embed([rows[1]], wait=True))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # one turn: enough to refuse it or to admit it, and it must do neither
         assert not waiting.done()  # a stream waits for room instead of failing
+        assert batcher.queued_tokens == len(rows[0])  # and is not admitted while there is none
         held.gate.set()
         await asyncio.wait_for(asyncio.gather(first, waiting), 30)
         assert batcher.queued_tokens == 0
@@ -130,6 +131,37 @@ def test_unary_overload_is_resource_exhausted_with_retry_hint(held, in_process_s
         held.gate.set()
         assert in_flight.result(30).shape == (1, 64)
         assert client.embed_queries(["gene expression"]).shape == (1, 64)
+
+
+def test_beyond_max_concurrent_rpcs_unary_calls_get_a_retry_hint_streams_wait_and_probes_pass(
+    held, in_process_server
+) -> None:
+    server = in_process_server(engine=held, max_concurrent_rpcs=2, max_wait_ms=0)
+    gauge = server.server.metrics.registry.get_sample_value
+
+    def stream_of(text: str) -> list[pb.EmbedStreamRequest]:
+        return [pb.EmbedStreamRequest(request_id=text, request=pb.EmbedRequest(texts=[text], input_type=1))]
+
+    held.hold()
+    with grpc.insecure_channel(server.address) as channel, Client(server.address) as client:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        first = stub.Embed.future(pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY), timeout=60)
+        assert held.entered.acquire(timeout=30)  # call 1 holds the forward pass
+        second = stub.EmbedStream(iter(stream_of("gene")), timeout=60)  # call 2 fills the server
+        wait_for(lambda: gauge("scholarembed_calls_in_progress") == 2, message="the second call was not admitted")
+        with pytest.raises(scholarembed.ResourceExhaustedError, match="2 calls in progress") as raised:
+            client.embed_queries(["cell"])
+        assert raised.value.retry_after_s and raised.value.retry_after_s > 0
+        probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert probe.status == health_pb2.HealthCheckResponse.SERVING  # probes are never counted
+        third = stub.EmbedStream(iter(stream_of("tumor")), timeout=60)  # a stream waits instead of failing
+        wait_for(lambda: gauge("scholarembed_calls_waiting") == 1, message="the third call did not wait")
+        held.gate.set()
+        assert len(first.result(60).embeddings) == 1
+        for stream in (second, third):
+            responses = list(stream)
+            assert len(responses) == 1 and not responses[0].HasField("error"), responses
+    wait_for(lambda: gauge("scholarembed_calls_in_progress") == 0, message="a finished call kept its slot")
 
 
 @pytest.mark.parametrize("gives_up_by", ["cancelling", "its deadline"])

@@ -22,6 +22,7 @@ from test_security import TOKEN, pki  # noqa: F401  (the module's certificate fi
 from tiny_model import WORDS
 
 from scholarembed import Client, Passage
+from scholarembed_server.lifecycle import Phase
 
 SAME = 0.99999
 MAX_TEXTS = 8
@@ -273,12 +274,12 @@ def test_warming_up_and_draining_are_503(tiny_engine) -> None:
     server = InProcessServer(tiny_engine, http_port=0)
     url = f"http://127.0.0.1:{server.server.http_port}"
     try:
-        server.server.embedder.ready = False  # the flag warm-up sets: as the server is before its first batch
+        server.server.serving.phase = Phase.STARTING  # what warm-up flips: as the server is before its first batch
         assert call(url + "/health/live")[0] == 200
         status, headers, error = call(url + "/v1/embeddings", "POST", {"input": "protein"})
         assert status == 503 and headers["Retry-After"] == "1" and "warming up" in error["error"]["message"]
         assert call(url + "/health/ready")[0] == 503
-        server.server.embedder.ready = True
+        server.server.serving.phase = Phase.SERVING
         assert call(url + "/health/ready")[0] == 200
         assert call(url + "/v1/search", "POST", {"collection": "c", "queries": ["q"], "top_k": 1})[0] == 501
     finally:

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -61,6 +62,38 @@ def test_deliberate_overload_gives_only_resource_exhausted_and_streams_never_fai
     failures = {k: v for k, v in report["outcomes"].items() if not k.endswith(" OK")}
     assert failures, "the server was not overloaded: nothing to check"
     assert set(failures) <= {"embed RESOURCE_EXHAUSTED"}, failures  # streams wait instead of failing
+
+
+def test_a_thousand_streams_on_one_channel_all_complete(tmp_path, tiny_model_dir) -> None:
+    """One grpc.aio channel (stubs generated from protos/ only) multiplexing 1000 EmbedStream calls, ten
+    times a connection's 100 concurrent streams: the client queues the rest, none is refused."""
+    server = ServerProcess(tmp_path, *tiny_args(tiny_model_dir))
+    requests_per_stream = 3
+
+    async def stream(stub: pb_grpc.EmbeddingServiceStub, number: int) -> str:
+        async def requests():
+            for i in range(requests_per_stream):
+                request = pb.EmbedRequest(texts=[f"{WORDS[(number + i) % 50]} {number}"], input_type=1)
+                yield pb.EmbedStreamRequest(request_id=f"{number}/{i}", request=request)
+
+        try:
+            responses = [response async for response in stub.EmbedStream(requests(), timeout=300)]
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        if [r.request_id for r in responses] != [f"{number}/{i}" for i in range(requests_per_stream)]:
+            return f"answered {[r.request_id for r in responses]}"
+        return next((f"in-band {r.error.code}: {r.error.message}" for r in responses if r.HasField("error")), "OK")
+
+    async def run() -> Counter[str]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            return Counter(await asyncio.gather(*(stream(stub, number) for number in range(1000))))
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        server.stop()
+    assert outcomes == {"OK": 1000}, outcomes
 
 
 def test_sigterm_under_load_loses_no_acknowledged_call(tmp_path, tiny_model_dir) -> None:

@@ -3,7 +3,9 @@ metrics), and their lifecycle.
 
 Lifecycle: check the ports -> load the model -> bind -> health NOT_SERVING -> warm the model up -> SERVING,
 and a banner with every address. On SIGTERM (or stop()): health NOT_SERVING, new calls get UNAVAILABLE,
-in-flight calls get `grace_s` to finish, then the batcher drains and stops.
+in-flight calls get `grace_s` to finish, then the batcher drains and stops, and `serve` returns 0. On a fatal
+failure (see `lifecycle`): one log line with the cause, health NOT_SERVING on every door, every waiting caller
+and every new call gets UNAVAILABLE, the server stops within FATAL_GRACE_S, and `serve` returns EXIT_BROKEN.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from .compilation import load_artifacts
 from .config import ServerConfig, batch_token_budget
 from .embedder import TextEmbedder
 from .engine import EmbeddingEngine, use_compile_cache
+from .grpc.admission import CallGate
 from .grpc.embedding import EmbeddingServicer
 from .grpc.search import SearchServicer, search_disabled_handler
 from .index import open_index
+from .lifecycle import EXIT_BROKEN, Phase, ServingState
 from .metrics import Metrics
 from .searcher import Searcher
 from .security import BearerTokenInterceptor, server_credentials
@@ -42,6 +46,9 @@ if TYPE_CHECKING:
     from .http import HttpDoor
 
 log = logging.getLogger(__name__)
+
+# After a fatal failure every waiting caller has had its error already: this is for the errors to go out.
+FATAL_GRACE_S = 1.0
 
 EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 SEARCH_SERVICE = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
@@ -130,6 +137,7 @@ class EmbeddingServer:
         self.engine = engine = with_buckets(engine, config)
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
+        self.serving = ServingState()
         tokens = config.auth_tokens()
         self.server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(tokens, open_probes=config.auth_open_probes)] if tokens else [],
@@ -137,6 +145,10 @@ class EmbeddingServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # Off: its default (an experiment of gRPC's) counts a stream until the application has freed
+                # it, so it refuses (REFUSED_STREAM) streams a client opened within the advertised limit.
+                # Without it a client queues its streams beyond the limit, as HTTP/2 intends.
+                ("grpc.http.overload_protection", 0),
                 # Keepalive enforcement. The option names must be exact: gRPC ignores misspelt ones silently.
                 ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
                 ("grpc.http2.max_ping_strikes", 2),
@@ -144,8 +156,7 @@ class EmbeddingServer:
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
+        )  # No maximum_concurrent_rpcs: `CallGate` limits calls, with a retry hint and without refusing probes.
         self.credentials = server_credentials(config)
         self.batcher = Batcher(
             engine,
@@ -153,10 +164,13 @@ class EmbeddingServer:
             max_queue_tokens=config.max_queue_tokens,
             max_wait_s=config.max_wait_ms / 1000,
             metrics=self.metrics,
+            forward_timeout_s=config.forward_timeout_s,
+            on_fatal=self._on_fatal,
         )
-        self.embedder = TextEmbedder(engine, self.batcher, config)
+        self.embedder = TextEmbedder(engine, self.batcher, config, self.serving)
+        gate = CallGate(self.serving, config.max_concurrent_rpcs, self.metrics)
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(self.embedder, config, self.metrics), self.server
+            EmbeddingServicer(self.embedder, config, self.metrics, gate), self.server
         )
         self.services = [EMBEDDING_SERVICE]
         self.index = open_index(config, engine.device, engine.matryoshka_dims)
@@ -165,7 +179,7 @@ class EmbeddingServer:
             self.searcher = Searcher(self.embedder, self.index, config)
             self.metrics.watch_index(self.index)
             search_pb2_grpc.add_SearchServiceServicer_to_server(
-                SearchServicer(self.searcher, config, self.metrics), self.server
+                SearchServicer(self.searcher, config, self.metrics, gate), self.server
             )
             self.services.append(SEARCH_SERVICE)
         else:
@@ -183,6 +197,7 @@ class EmbeddingServer:
         )
         self.port = 0
         self.metrics_port: int | None = None
+        self._health_flip: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Bind, serve health (NOT_SERVING), warm up, then report SERVING. Returns the bound port."""
@@ -210,7 +225,7 @@ class EmbeddingServer:
         # Compiling layers: SERVING once the eager path is warm; lengths switch to compiled as they become ready.
         serve_early = self.engine.compiles_layers
         await self.batcher.warmup(compile=not serve_early)
-        self.embedder.ready = True
+        self.serving.serve()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if serve_early:
             self.batcher.compile_in_background()
@@ -258,10 +273,20 @@ class EmbeddingServer:
         await self.batcher.close()
         self.embedder.close()
         if self.searcher is not None:
-            self.searcher.close()
+            await self.searcher.close()
         if self.index is not None:
-            self.index.close()  # flushed and closed cleanly: nothing to repair on the next start
+            # Flushed and closed cleanly (nothing to repair on the next start), in a thread: it writes files.
+            await asyncio.get_running_loop().run_in_executor(None, self.index.close)
         log.info("stopped")
+
+    def _on_fatal(self, cause: str) -> None:
+        """The batcher hit a fatal failure: say so once, and turn every door's health NOT_SERVING. The
+        batcher has already failed its waiting callers and refuses new ones; `CallGate` refuses every
+        other call; `serve` stops the process."""
+        if not self.serving.break_down(cause):
+            return
+        log.critical("fatal: %s; health NOT_SERVING, exiting for a replacement", cause)
+        self._health_flip = asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", *self.services):
@@ -277,8 +302,9 @@ async def create_server(config: ServerConfig, engine: EmbeddingEngine | None = N
     return server, port
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain gracefully and return 0; or until a fatal failure, then stop
+    at once and return EXIT_BROKEN."""
     check_ports(config)
     server, _port = await create_server(config)
     stop_requested = asyncio.Event()
@@ -286,6 +312,13 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop_requested.set)
-    await stop_requested.wait()
-    log.info("signal received: draining for up to %.1fs", config.grace_s)
-    await server.stop()
+    waits = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(server.serving.broken.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if server.serving.phase is Phase.BROKEN:
+        await server.stop(FATAL_GRACE_S)
+    else:
+        log.info("signal received: draining for up to %.1fs", config.grace_s)
+        await server.stop()
+    return EXIT_BROKEN if server.serving.phase is Phase.BROKEN else 0

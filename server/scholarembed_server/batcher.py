@@ -21,26 +21,32 @@ Contract: `Batcher.embed(rows)` returns one unit vector per token row, in order,
 - With length buckets on (`EmbeddingEngine.with_buckets`), batches are planned by bucket and launched
   without waiting for the previous one: up to `max_in_flight` batches are queued on the GPU while
   the model thread pads and uploads the next, and a fetch thread waits for each batch's vectors.
+- Supervised (see `lifecycle` for what is fatal): a failure while planning a round, running a batch,
+  waiting for its vectors or handing them out fails only the callers it touches, and the worker goes
+  on. A fatal one (a poisoned CUDA context, the worker dying, the model thread not returning within
+  `forward_timeout_s`) fails every waiting caller at once with UNAVAILABLE and refuses new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .engine import EmbeddingEngine, PendingVectors
-from .errors import InputTooLargeError, QueueFullError, UnavailableError
+from .errors import InputTooLargeError, QueueFullError, ScholarEmbedError, ServerBrokenError, UnavailableError
+from .lifecycle import describe, is_fatal, shut_down
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -75,6 +81,12 @@ class _Item:
 
 
 class Batcher:
+    """The one queue and its worker. Supervised: a failure within a round (planning it, launching a batch,
+    waiting for its vectors, handing them out) fails the callers it touches and the worker goes on; a
+    fatal one (`lifecycle.is_fatal`, the worker or a collecting task dying, the model thread not returning
+    within `forward_timeout_s`) fails every caller waiting at once, refuses new ones (ServerBrokenError,
+    UNAVAILABLE) and calls `on_fatal(cause)` once."""
+
     def __init__(
         self,
         engine: EmbeddingEngine,
@@ -84,22 +96,28 @@ class Batcher:
         max_wait_s: float = 0.002,
         metrics: Metrics | None = None,
         max_in_flight: int = 2,
+        forward_timeout_s: float = 300.0,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_tokens = max_queue_tokens
         self._max_wait_s = max_wait_s
         self._metrics = metrics
+        self._forward_timeout_s = forward_timeout_s
+        self._on_fatal = on_fatal
         self._pending: list[_Item] = []
+        self._unanswered: set[_Item] = set()  # queued, in a round or in flight: whom a fatal failure must tell
         self._queued_tokens = 0  # pending plus in-flight rows: what backpressure counts
         self._room_freed = asyncio.Event()
         self._work = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._fetch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch")
         self._launch_slots = asyncio.Semaphore(max_in_flight)  # batches launched whose vectors are not back
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._collecting: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._broken: str | None = None  # the cause, once a fatal failure has happened
         self._stop_compiling = threading.Event()
 
     @property
@@ -107,11 +125,13 @@ class Batcher:
         return self._queued_tokens
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="worker")
+        self._worker.add_done_callback(self._supervise)
 
     async def warmup(self, *, compile: bool = True) -> None:
         """Warm the engine up (compiling its bucket shapes, if any, unless not `compile`) in the thread that
-        will run the model: CUDA graphs are recorded per thread."""
+        will run the model: CUDA graphs are recorded per thread. Start-up has no watchdog: compiling takes
+        as long as it takes, and a failure there is a start-up failure."""
         await asyncio.get_running_loop().run_in_executor(
             self._model_thread, lambda: self._engine.warmup(compile=compile)
         )
@@ -141,28 +161,31 @@ class Batcher:
         return thread
 
     async def close(self) -> None:
-        """Stop taking work, finish what is queued, stop the worker (and compiling, between lengths)."""
+        """Stop taking work, finish what is queued, stop the worker (and compiling, between lengths).
+        Never blocks the event loop; once broken, it leaves the model threads behind instead of joining
+        them (one may be stuck in the device for good)."""
         self._closed = True
         self._stop_compiling.set()
-        while self._queued_tokens:
+        while self._queued_tokens and self._broken is None:
             self._room_freed.clear()
             await self._room_freed.wait()
-        if self._worker:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._model_thread.shutdown(wait=True)
-        self._fetch_thread.shutdown(wait=True)
+        tasks = [task for task in (self._worker, *self._collecting) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # a dead worker's error has been reported already
+        for thread in (self._model_thread, self._fetch_thread):
+            await shut_down(thread, wait=self._broken is None)
 
     async def embed(self, rows: Sequence[Sequence[int]], *, wait: bool) -> np.ndarray:
-        """Unit vectors (len(rows), full dims), in order. Raises QueueFullError if full and not `wait`."""
-        if self._closed:
-            raise UnavailableError("server is shutting down")
+        """Unit vectors (len(rows), full dims), in order. Raises QueueFullError if full and not `wait`,
+        ServerBrokenError once the server is broken."""
+        self._check_open()
         cost = sum(len(row) for row in rows)
         await self._reserve(cost, wait)
         loop = asyncio.get_running_loop()
         items = [_Item(row, loop.create_future()) for row in rows]
         self._pending.extend(items)
+        self._unanswered.update(items)
         self._update_gauges()
         self._work.set()
         try:
@@ -170,11 +193,19 @@ class Batcher:
         except BaseException:
             # Cancelled or failed: whatever has not run yet leaves the queue now.
             for item in items:
-                item.future.cancel()
+                if not item.future.cancel() and not item.future.cancelled():
+                    item.future.exception()  # retrieved here: a batch's error reaches its caller once, not as a warning
             self._pending = [item for item in self._pending if not item.future.done()]
             raise
         finally:
+            self._unanswered.difference_update(items)
             self._release(cost)
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise ServerBrokenError(self._broken)
+        if self._closed:
+            raise UnavailableError("server is shutting down")
 
     async def _reserve(self, cost: int, wait: bool) -> None:
         # A request larger than the whole queue is still admitted when the queue is empty.
@@ -183,6 +214,8 @@ class Batcher:
                 raise QueueFullError(self._queued_tokens, self._max_queue_tokens)
             self._room_freed.clear()
             await self._room_freed.wait()
+            if self._broken is not None:
+                raise ServerBrokenError(self._broken)
         self._queued_tokens += cost
 
     def _release(self, cost: int) -> None:
@@ -191,33 +224,51 @@ class Batcher:
         self._update_gauges()
 
     async def _run(self) -> None:
+        """The worker: round after round until the server breaks; whatever escapes here is fatal (`_supervise`)."""
         loop = asyncio.get_running_loop()
-        while True:
-            await self._work.wait()
-            pending_tokens = sum(item.tokens for item in self._pending)
-            if pending_tokens < self._max_batch_tokens and self._max_wait_s > 0:
-                await asyncio.sleep(self._max_wait_s)  # let a burst gather into one batch
-            self._work.clear()
-            round_items, self._pending = self._pending, []
-            self._update_gauges()  # the round's texts are running now, not waiting
-            round_items = [item for item in round_items if not item.future.done()]
+        while self._broken is None:
+            round_items = await self._next_round()
             if not round_items:
                 continue
-            for batch_indices in self._engine.plan([item.tokens for item in round_items], self._max_batch_tokens):
-                batch = [round_items[i] for i in batch_indices if not round_items[i].future.done()]
-                if batch:
+            try:
+                batches = self._plan(round_items)
+            except Exception as error:  # the round fails, the server does not
+                self._fail(round_items, error, "planning a round")
+                continue
+            for planned in batches:
+                batch = [item for item in planned if not item.future.done()]
+                if batch and self._broken is None:
                     await self._run_batch(loop, batch)
             self._update_gauges()
 
+    async def _next_round(self) -> list[_Item]:
+        """Everything queued, once there is something (waiting up to max_wait_s for company)."""
+        await self._work.wait()
+        pending_tokens = sum(item.tokens for item in self._pending)
+        if pending_tokens < self._max_batch_tokens and self._max_wait_s > 0:
+            await asyncio.sleep(self._max_wait_s)  # let a burst gather into one batch
+        self._work.clear()
+        round_items, self._pending = self._pending, []
+        self._update_gauges()  # the round's texts are running now, not waiting
+        return [item for item in round_items if not item.future.done()]
+
+    def _plan(self, round_items: list[_Item]) -> list[list[_Item]]:
+        plan = self._engine.plan([item.tokens for item in round_items], self._max_batch_tokens)
+        # A row planned twice would get two vectors; a row left out would wait forever.
+        if sorted(index for batch in plan for index in batch) != list(range(len(round_items))):
+            raise RuntimeError(f"the plan does not hold each of the round's {len(round_items)} rows once")
+        return [[round_items[index] for index in batch] for batch in plan]
+
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        """Launch one forward pass; its vectors are delivered once back, while the next batch launches.
+        """Launch one forward pass; its vectors are collected once back, while the next batch launches.
         Out of memory: halve the batch and retry each half; a single row that still does not fit fails
         alone (RESOURCE_EXHAUSTED), and every other row gets its vector."""
         started = time.monotonic()
         await self._launch_slots.acquire()
         try:
-            pending = await loop.run_in_executor(self._model_thread, self._launch, [i.ids for i in batch])
-        except Exception as error:  # the batch fails, the server does not
+            pending = await self._call(self._model_thread, "a forward pass", self._launch, [i.ids for i in batch])
+            back_already = pending.ready
+        except Exception as error:
             self._launch_slots.release()
             if is_out_of_memory(error):
                 free_accelerator_memory()
@@ -228,19 +279,17 @@ class Batcher:
                     await self._run_batch(loop, batch[half:])
                     return
                 error = InputTooLargeError(f"a text of {batch[0].tokens} tokens does not fit in accelerator memory")
-            else:
-                log.exception("forward pass failed for a batch of %d", len(batch))
-            self._fail(batch, error)
+            self._fail(batch, error, "a forward pass")
             return
         if pending.eager_reason is not None and self._metrics:
             self._metrics.eager_batches.labels(pending.eager_reason).inc()
-        if pending.ready:
-            self._deliver(batch, pending.wait(), started)
-            self._launch_slots.release()
+        if back_already:
+            await self._collect(batch, pending, started)
             return
-        task = loop.create_task(self._finish(loop, batch, pending, started))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        task = loop.create_task(self._collect(batch, pending, started), name="collecting")
+        self._collecting.add(task)
+        task.add_done_callback(self._collecting.discard)
+        task.add_done_callback(self._supervise)
 
     def _launch(self, rows: list[Sequence[int]]) -> PendingVectors:
         """In the model thread: the eager reference `forward` without buckets, else a bucketed launch."""
@@ -248,26 +297,68 @@ class Batcher:
             return PendingVectors.of(self._engine.forward(rows))
         return self._engine.launch(rows)
 
-    async def _finish(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Item], pending: PendingVectors, started: float
-    ) -> None:
+    async def _collect(self, batch: list[_Item], pending: PendingVectors, started: float) -> None:
+        """Wait for a launched batch's vectors (in the fetch thread unless they are back) and hand them
+        out; a failure of either fails this batch's callers only."""
         try:
-            vectors = await loop.run_in_executor(self._fetch_thread, pending.wait)
-        except Exception as error:
-            log.exception("forward pass failed for a batch of %d", len(batch))
-            self._fail(batch, error)
-        else:
+            if pending.ready:
+                vectors = pending.wait()
+            else:
+                vectors = await self._call(self._fetch_thread, "waiting for a batch's vectors", pending.wait)
             self._deliver(batch, vectors, started)
+        except Exception as error:
+            self._fail(batch, error, "collecting a batch's vectors")
         finally:
             self._launch_slots.release()
 
-    @staticmethod
-    def _fail(batch: list[_Item], error: BaseException) -> None:
-        for item in batch:
+    async def _call(self, thread: ThreadPoolExecutor, what: str, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in `thread`, under the watchdog: a call that has not returned after
+        forward_timeout_s means the model thread cannot be reached, which is fatal."""
+        future = asyncio.get_running_loop().run_in_executor(thread, function, *args)
+        done, _ = await asyncio.wait({future}, timeout=self._forward_timeout_s)
+        if not done:
+            future.add_done_callback(lambda late: late.cancelled() or late.exception())  # its error, if any, is moot
+            self._break(f"the model thread has not returned from {what} in {self._forward_timeout_s:g}s")
+            assert self._broken is not None
+            raise ServerBrokenError(self._broken)
+        return future.result()
+
+    def _fail(self, items: list[_Item], error: BaseException, stage: str) -> None:
+        """`stage` failed for these callers: a fatal error breaks the server, any other fails them alone."""
+        if is_fatal(error):
+            self._break(f"{stage} failed: {describe(error)}", error)
+            return
+        if not isinstance(error, ScholarEmbedError):  # a domain error (a text too large) is the caller's to see
+            log.error("%s failed for %d texts: %s", stage, len(items), describe(error), exc_info=error)
+        for item in items:
             if not item.future.done():
                 item.future.set_exception(error)
 
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """The worker or a collecting task ended: an error there has lost callers it was serving: fatal."""
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._break(f"the batcher's {task.get_name()} task died: {describe(error)}", error)
+
+    def _break(self, cause: str, error: BaseException | None = None) -> None:
+        """Fatal: every caller waiting gets ServerBrokenError now, new ones are refused, the worker stops,
+        and `on_fatal` hears the cause once."""
+        if self._broken is not None:
+            return
+        self._broken = cause
+        log.debug("fatal failure in the batcher", exc_info=error)  # the traceback, for whoever debugs it
+        broken = ServerBrokenError(cause)
+        for item in self._unanswered:
+            if not item.future.done():
+                item.future.set_exception(broken)
+        self._pending = []
+        self._work.set()  # the worker wakes up to see it is over
+        self._room_freed.set()  # and so does every caller waiting for room
+        if self._on_fatal is not None:
+            self._on_fatal(cause)
+
     def _deliver(self, batch: list[_Item], vectors: np.ndarray, started: float) -> None:
+        if len(vectors) != len(batch):  # checked first, so that no caller of a bad batch gets a wrong vector
+            raise RuntimeError(f"{len(vectors)} vectors came back for a batch of {len(batch)} texts")
         for item, vector in zip(batch, vectors, strict=True):
             if not item.future.done():
                 item.future.set_result(vector)

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -175,7 +177,12 @@ def serve_or_compile(args: argparse.Namespace) -> int:
 
     config = from_arguments(args)
     if args.command == "serve":
-        asyncio.run(run_server(config))
+        status = asyncio.run(run_server(config))
+        if status:
+            # Broken (see lifecycle): a thread may be stuck in the device for good, and the interpreter would
+            # wait for it at exit, so exit without joining threads (the index is already closed).
+            logging.shutdown()
+            os._exit(status)
         return 0
     from .compilation import save_artifacts
 

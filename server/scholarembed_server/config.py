@@ -113,8 +113,14 @@ class ServerConfig:
     vector_storage: str = _opt("float16", "precision of stored vectors: float16 or float32")
     max_top_k: int = _opt(1000, "largest top_k a search may ask for")
     max_tokens_per_request: int = _opt(1_048_576, "most tokens (after truncation) in one request")
-    max_concurrent_rpcs: int = _opt(1000, "calls in progress server-wide; beyond, RESOURCE_EXHAUSTED")
-    max_concurrent_streams: int = _opt(100, "concurrent calls on one HTTP/2 connection (grpc.max_concurrent_streams)")
+    max_concurrent_rpcs: int = _opt(
+        1000,
+        "calls in progress server-wide (probes aside); beyond, unary calls get RESOURCE_EXHAUSTED with a retry "
+        "hint and streams wait",
+    )
+    max_concurrent_streams: int = _opt(
+        100, "calls at once on one HTTP/2 connection (grpc.max_concurrent_streams); a client queues the rest"
+    )
     keepalive_min_ping_interval_ms: int = _opt(10_000, "clients pinging more often than this are disconnected")
     tls_cert: str | None = _opt(None, "PEM certificate chain: serve TLS instead of plain text")
     tls_key: str | None = _opt(None, "PEM private key of --tls-cert")
@@ -133,6 +139,11 @@ class ServerConfig:
     )
     log_format: str = _opt("text", "text or json (one JSON object per line, with request ids)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
+    forward_timeout_s: float = _opt(
+        300.0,
+        "seconds a forward pass (or the wait for its vectors) may take before the model thread counts as "
+        "unreachable: the server reports NOT_SERVING and exits",
+    )
 
     def auth_tokens(self) -> list[str]:
         """Accepted bearer tokens, from --auth-token-file and $SCHOLAREMBED_AUTH_TOKENS (comma-separated).

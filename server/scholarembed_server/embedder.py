@@ -19,7 +19,8 @@ from scholarembed.v1 import embedding_pb2 as pb
 from .batcher import Batcher
 from .config import ServerConfig
 from .engine import EmbeddingEngine, InputType, TokenizedText, Truncation, matryoshka
-from .errors import InvalidArgumentError, UnavailableError
+from .errors import InvalidArgumentError
+from .lifecycle import ServingState
 
 _INPUT_TYPES = {
     pb.INPUT_TYPE_QUERY: InputType.QUERY,
@@ -97,21 +98,20 @@ def encode_vectors(vectors: np.ndarray, encoding: int) -> list[bytes]:
 class TextEmbedder:
     """Tokenize in worker threads, then embed through the shared batcher: the path every door uses."""
 
-    def __init__(self, engine: EmbeddingEngine, batcher: Batcher, config: ServerConfig) -> None:
+    def __init__(self, engine: EmbeddingEngine, batcher: Batcher, config: ServerConfig, serving: ServingState) -> None:
         self.engine = engine
         self.batcher = batcher
+        self.serving = serving  # the process's; until it says SERVING, calls get UNAVAILABLE
         self.max_texts_per_request = config.max_texts_per_request
         self.max_tokens_per_request = config.max_tokens_per_request
         self._threads = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        self.ready = False  # set once the model is warm; until then calls get UNAVAILABLE
 
     async def embed(
         self, prompted_texts: list[str], truncation: Truncation, *, wait: bool, field: str = "texts"
     ) -> tuple[np.ndarray, list[TokenizedText]]:
         """(full-dimension unit vectors, token rows), one per text, in order. `field` names the
         request field the texts came from, for errors."""
-        if not self.ready:
-            raise UnavailableError("model is warming up")
+        self.serving.check()
         loop = asyncio.get_running_loop()
         tokenized = await loop.run_in_executor(self._threads, self.engine.tokenize, prompted_texts, truncation)
         total = sum(len(t.ids) for t in tokenized)

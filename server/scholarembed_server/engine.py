@@ -276,6 +276,12 @@ class EmbeddingEngine:
     _compiled: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
     _copy_stream: Any = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # Made here, not on first use: the model thread and the compile thread both upload, and each would
+        # have made one (a copy by `with_buckets` gets its own).
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
+
     @property
     def dimensions(self) -> int:
         return self.matryoshka_dims[0]
@@ -582,8 +588,6 @@ class EmbeddingEngine:
         """Host -> device; on CUDA from pinned memory on a side stream that the compute stream waits for."""
         if self.device.type != "cuda":
             return tuple(tensor.to(self.device) for tensor in tensors)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
         self._copy_stream.wait_stream(compute)  # the copy may reuse memory the compute stream just freed
         with torch.cuda.stream(self._copy_stream):

@@ -22,16 +22,28 @@ class InvalidArgumentError(ScholarEmbedError):
         self.description = description
 
 
-class QueueFullError(ScholarEmbedError):
-    """The token-bounded queue cannot take a unary request now; the caller should retry later."""
+class RetryLaterError(ScholarEmbedError):
+    """The server is busy: the caller should retry after `retry_after_s` (sent as google.rpc.RetryInfo)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, queued_tokens: int, max_queue_tokens: int, retry_after_s: float = 0.5) -> None:
-        super().__init__(
-            f"server busy: {queued_tokens} tokens queued of a {max_queue_tokens} limit; retry in {retry_after_s}s"
-        )
+    def __init__(self, message: str, retry_after_s: float = 0.5) -> None:
+        super().__init__(f"{message}; retry in {retry_after_s}s")
         self.retry_after_s = retry_after_s
+
+
+class QueueFullError(RetryLaterError):
+    """The token-bounded queue cannot take a unary request now."""
+
+    def __init__(self, queued_tokens: int, max_queue_tokens: int, retry_after_s: float = 0.5) -> None:
+        super().__init__(f"server busy: {queued_tokens} tokens queued of a {max_queue_tokens} limit", retry_after_s)
+
+
+class TooManyCallsError(RetryLaterError):
+    """--max-concurrent-rpcs calls are in progress: a unary call is refused (a stream waits instead)."""
+
+    def __init__(self, calls: int, retry_after_s: float = 0.5) -> None:
+        super().__init__(f"server busy: {calls} calls in progress, the limit", retry_after_s)
 
 
 class InputTooLargeError(ScholarEmbedError):
@@ -44,6 +56,14 @@ class UnavailableError(ScholarEmbedError):
     """The server is warming up or draining."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ServerBrokenError(UnavailableError):
+    """The server hit a fatal failure (see `lifecycle`) and is exiting: retry on another replica."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"server is broken and exiting ({cause}): retry on another replica")
+        self.cause = cause
 
 
 class ModelLoadError(ScholarEmbedError):

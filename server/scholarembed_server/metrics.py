@@ -72,6 +72,16 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.calls_in_progress = Gauge(
+            "scholarembed_calls_in_progress",
+            "gRPC calls admitted and not finished, health checks and reflection aside (at most --max-concurrent-rpcs).",
+            registry=self.registry,
+        )
+        self.calls_waiting = Gauge(
+            "scholarembed_calls_waiting",
+            "Streams waiting for a call slot (--max-concurrent-rpcs); none of their requests is read meanwhile.",
+            registry=self.registry,
+        )
         self.compiled_lengths = Gauge(
             "scholarembed_compiled_bucket_lengths",
             "Bucket lengths whose compiled forward is ready; batches of the others run eager.",

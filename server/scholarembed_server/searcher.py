@@ -40,6 +40,7 @@ from .index.base import (
     VectorStorage,
     check_collection_name,
 )
+from .lifecycle import shut_down
 
 MAX_ID_BYTES = 512
 MAX_GET_IDS = 10_000
@@ -319,6 +320,6 @@ class Searcher:
         name = check_collection_name(request.name, "name")
         return pb.DeleteCollectionResponse(deleted_passages=await self._write(self.index.delete_collection, name))
 
-    def close(self) -> None:
-        self._write_thread.shutdown(wait=True)
-        self._read_threads.shutdown(wait=True)
+    async def close(self) -> None:
+        """Wait for the index calls in progress (a commit under way finishes) without blocking the event loop."""
+        await asyncio.gather(shut_down(self._write_thread), shut_down(self._read_threads))

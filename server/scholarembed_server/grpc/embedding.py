@@ -13,43 +13,44 @@ import grpc
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 
-from .. import logs
 from ..config import ServerConfig
 from ..embedder import TextEmbedder, model_info
-from ..errors import InvalidArgumentError
 from ..metrics import Metrics
-from .status import to_rpc_status, unary
-from .streams import ordered_stream
+from .admission import CallGate
+from .status import unary
+from .streams import in_band, serve_stream, wrapped_request
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, embedder: TextEmbedder, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, embedder: TextEmbedder, config: ServerConfig, metrics: Metrics, gate: CallGate) -> None:
         self._embedder = embedder
         self._config = config
         self._metrics = metrics
+        self._gate = gate
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await unary(self._metrics, "Embed", context, self._embedder.embed_request(request, wait=False))
+        return await unary(
+            self._gate, self._metrics, "Embed", context, lambda: self._embedder.embed_request(request, wait=False)
+        )
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        with self._metrics.track("EmbedStream", context):
-            async for response in ordered_stream(request_iterator, self._answer, self._config.stream_window):
-                yield response
+        async def embed(message: pb.EmbedStreamRequest) -> pb.EmbedResponse:
+            return await self._embedder.embed_request(wrapped_request(message), wait=True)
 
-    async def _answer(self, message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
-        logs.request_id.set(f"{logs.request_id.get()}/{message.request_id}")  # this task's own context
-        try:
-            if not message.HasField("request"):
-                raise InvalidArgumentError("request", "missing: every EmbedStreamRequest carries an EmbedRequest")
-            response = await self._embedder.embed_request(message.request, wait=True)
-            return pb.EmbedStreamResponse(request_id=message.request_id, response=response)
-        except Exception as error:
-            return pb.EmbedStreamResponse(request_id=message.request_id, error=to_rpc_status(error))
+        async def answer(message: pb.EmbedStreamRequest) -> pb.EmbedStreamResponse:
+            return await in_band(pb.EmbedStreamResponse, message.request_id, "response", embed(message))
+
+        async for response in serve_stream(
+            self._gate, self._metrics, "EmbedStream", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        with self._metrics.track("GetModelInfo", context):
+        async def info() -> pb.GetModelInfoResponse:
             return model_info(self._embedder.engine, self._config)
+
+        return await unary(self._gate, self._metrics, "GetModelInfo", context, info)

@@ -14,83 +14,117 @@ from scholarembed.v1 import search_pb2 as pb
 from scholarembed.v1 import search_pb2_grpc as pb_grpc
 
 from ..config import ServerConfig
-from ..errors import InvalidArgumentError, SearchDisabledError
+from ..errors import SearchDisabledError
 from ..metrics import Metrics
 from ..searcher import Searcher
-from .status import abort, to_rpc_status, unary
-from .streams import ordered_stream
+from .admission import CallGate
+from .status import abort, unary
+from .streams import in_band, serve_stream, wrapped_request
+
+
+class CommitLine:
+    """The commit order of one UpsertPassages stream: each request commits only after the one before it
+    has committed or failed, whatever order their embeddings finish in, so a later version of an id wins.
+
+    A request joins the line when it is read (`join`: its turn, and the future it completes when done)
+    and leaves it when answered (`leave`). One that fails before its turn (bad input, a failed embedding)
+    passes its turn on only once its turn has come, so the request after it cannot overtake the one
+    before it.
+    """
+
+    def __init__(self) -> None:
+        self._last_done: asyncio.Future[None] | None = None
+
+    def join(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        my_turn, self._last_done = self._last_done, asyncio.get_running_loop().create_future()
+        return my_turn, self._last_done
+
+    @staticmethod
+    def leave(my_turn: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        if my_turn is None or my_turn.done():
+            done.set_result(None)
+        else:
+            my_turn.add_done_callback(lambda _: done.set_result(None))
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, searcher: Searcher, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, searcher: Searcher, config: ServerConfig, metrics: Metrics, gate: CallGate) -> None:
         self._searcher = searcher
         self._config = config
         self._metrics = metrics
+        self._gate = gate
 
     async def UpsertPassages(
         self, request_iterator: AsyncIterator[pb.UpsertPassagesRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UpsertPassagesResponse]:
-        previous_commit: asyncio.Future[None] | None = None
+        line = CommitLine()
 
         async def answer(request: pb.UpsertPassagesRequest) -> pb.UpsertPassagesResponse:
-            nonlocal previous_commit
-            my_turn, previous_commit = previous_commit, asyncio.get_running_loop().create_future()
-            committed = previous_commit
+            my_turn, done = line.join()
             try:
-                upserted = await self._searcher.upsert(request, my_turn)
-                return pb.UpsertPassagesResponse(request_id=request.request_id, upserted=upserted)
-            except Exception as error:
-                return pb.UpsertPassagesResponse(request_id=request.request_id, error=to_rpc_status(error))
+                upsert = self._searcher.upsert(request, my_turn)
+                return await in_band(pb.UpsertPassagesResponse, request.request_id, "upserted", upsert)
             finally:
-                committed.set_result(None)
+                line.leave(my_turn, done)
 
-        with self._metrics.track("UpsertPassages", context):
-            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
-                yield response
+        async for response in serve_stream(
+            self._gate, self._metrics, "UpsertPassages", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        return await unary(self._metrics, "Search", context, self._searcher.search(request, wait=False))
+        return await unary(
+            self._gate, self._metrics, "Search", context, lambda: self._searcher.search(request, wait=False)
+        )
 
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SearchStreamResponse]:
-        async def answer(message: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
-            try:
-                if not message.HasField("request"):
-                    raise InvalidArgumentError("request", "missing: every SearchStreamRequest carries a SearchRequest")
-                response = await self._searcher.search(message.request, wait=True)
-                return pb.SearchStreamResponse(request_id=message.request_id, response=response)
-            except Exception as error:
-                return pb.SearchStreamResponse(request_id=message.request_id, error=to_rpc_status(error))
+        async def search(message: pb.SearchStreamRequest) -> pb.SearchResponse:
+            return await self._searcher.search(wrapped_request(message), wait=True)
 
-        with self._metrics.track("SearchStream", context):
-            async for response in ordered_stream(request_iterator, answer, self._config.stream_window):
-                yield response
+        async def answer(message: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
+            return await in_band(pb.SearchStreamResponse, message.request_id, "response", search(message))
+
+        async for response in serve_stream(
+            self._gate, self._metrics, "SearchStream", context, request_iterator, answer, self._config.stream_window
+        ):
+            yield response
 
     async def DeletePassages(
         self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePassagesResponse:
-        return await unary(self._metrics, "DeletePassages", context, self._searcher.delete_passages(request))
+        return await unary(
+            self._gate, self._metrics, "DeletePassages", context, lambda: self._searcher.delete_passages(request)
+        )
 
     async def GetPassages(
         self, request: pb.GetPassagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPassagesResponse:
-        return await unary(self._metrics, "GetPassages", context, self._searcher.get_passages(request))
+        return await unary(
+            self._gate, self._metrics, "GetPassages", context, lambda: self._searcher.get_passages(request)
+        )
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        return await unary(self._metrics, "ListCollections", context, self._searcher.list_collections(request))
+        return await unary(
+            self._gate, self._metrics, "ListCollections", context, lambda: self._searcher.list_collections(request)
+        )
 
     async def GetCollection(
         self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCollectionResponse:
-        return await unary(self._metrics, "GetCollection", context, self._searcher.get_collection(request))
+        return await unary(
+            self._gate, self._metrics, "GetCollection", context, lambda: self._searcher.get_collection(request)
+        )
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        return await unary(self._metrics, "DeleteCollection", context, self._searcher.delete_collection(request))
+        return await unary(
+            self._gate, self._metrics, "DeleteCollection", context, lambda: self._searcher.delete_collection(request)
+        )
 
 
 def search_disabled_handler() -> grpc.GenericRpcHandler:

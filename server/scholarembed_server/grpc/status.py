@@ -1,10 +1,11 @@
 """Domain errors to gRPC statuses, in one place: `to_rpc_status`, with google.rpc.BadRequest naming the
-field and google.rpc.RetryInfo on a full queue (unary calls: in the trailers; streams: in-band)."""
+field and google.rpc.RetryInfo when the server is busy (unary calls: in the trailers, see `unary`;
+streams: in-band, see `streams.in_band`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -13,8 +14,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .. import logs
-from ..errors import InvalidArgumentError, QueueFullError, ScholarEmbedError
+from ..errors import InvalidArgumentError, RetryLaterError, ScholarEmbedError
 from ..metrics import Metrics
+from .admission import CallGate
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def to_rpc_status(error: BaseException) -> status_pb2.Status:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
         detail = error_details_pb2.BadRequest(field_violations=[violation])
         status.details.add().Pack(detail)
-    elif isinstance(error, QueueFullError):
+    elif isinstance(error, RetryLaterError):
         seconds = int(error.retry_after_s)
         retry = error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=seconds, nanos=int((error.retry_after_s - seconds) * 1e9))
@@ -51,11 +53,15 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None
     await context.abort(status.code, status.details, trailing)
 
 
-async def unary(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-    """Answer a unary RPC: time it, and turn an error into the call's status (with its details)."""
+async def unary(
+    gate: CallGate, metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+) -> T:
+    """Answer a unary RPC once `gate` admits it (refused at once when the server is full): time it, and
+    turn an error into the call's status (with its details)."""
     with metrics.track(rpc, context) as outcome:
         try:
-            return await call
+            async with gate.admit(wait=False):
+                return await call()
         except Exception as error:
             outcome.code = status_code(error)
             await abort(context, error)

@@ -174,10 +174,9 @@ def create_app(
     @app.get("/health/ready", response_model=HealthStatus, responses={503: ERROR_RESPONSES[503]})
     @app.get("/health", response_model=HealthStatus, responses={503: ERROR_RESPONSES[503]})
     async def ready() -> HealthStatus:
-        """Readiness: 200 once the model is warm, 503 while warming up or draining."""
+        """Readiness: 200 once the model is warm, 503 while warming up or draining, or once broken."""
         check_serving()
-        if not embedder.ready:
-            raise UnavailableError("model is warming up")
+        embedder.serving.check()  # the process's state: warming up, serving, or broken (with the cause)
         return HealthStatus(status="ready")
 
     return app
