@@ -27,8 +27,8 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed_server.app import EmbeddingServer
 from scholarembed_server.batcher import Batcher
 from scholarembed_server.config import ServerConfig
-from scholarembed_server.engine import InputType
 from scholarembed_server.errors import QueueFullError
+from scholarembed_server.model.prompts import InputType
 
 
 class HeldEngine:

@@ -34,9 +34,10 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed.v1 import search_pb2 as spb
 from scholarembed.v1 import search_pb2_grpc as spb_grpc
 from scholarembed_server import config as server_config
-from scholarembed_server.engine import EmbeddingEngine, InputType
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.index.base import IndexKind, StoredPassage, VectorStorage
 from scholarembed_server.index.embedded import EmbeddedIndex
+from scholarembed_server.model.prompts import InputType
 
 
 class GatedEngine:

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import EmbeddingEngine, PendingVectors
+from .engine import EmbeddingEngine
 from .errors import InputTooLargeError, QueueFullError, UnavailableError
 from .metrics import Metrics
+from .model.runner import PendingVectors
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +111,30 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def warmup(self, *, compile: bool = True) -> None:
-        """Warm the engine up (compiling its bucket shapes, if any, unless not `compile`) in the thread that
-        will run the model: CUDA graphs are recorded per thread."""
+        """Warm the engine up (compiling its bucket lengths, if any, unless not `compile`) in the thread that
+        will run the model."""
         await asyncio.get_running_loop().run_in_executor(
-            self._model_thread, lambda: self._engine.warmup(compile=compile)
+            self._model_thread, lambda: self._engine.runner.warmup(compile=compile)
         )
 
     def compile_in_background(self) -> threading.Thread:
-        """Compile the engine's bucket lengths (compile_scope "layers") in a thread of their own while the
-        model thread serves: a batch whose length is not ready runs eager, then switches to compiled.
-        No CUDA graphs are recorded on this path, so compiling off the model thread is safe."""
+        """Compile the engine's bucket lengths in a thread of their own while the model thread serves: a batch
+        whose length is not ready runs eager, then switches to compiled. No CUDA graphs are recorded on this
+        path, so compiling off the model thread is safe."""
 
         def on_length(length: int, state: str) -> None:
             if self._metrics:
-                self._metrics.compiled_lengths.set(len(self._engine.regional.ready))
+                self._metrics.compiled_lengths.set(len(runner.compiler.ready))
 
-        assert self._engine.buckets is not None
+        runner = self._engine.runner
+        assert runner.buckets is not None and runner.compiler is not None
         log.info(
             "serving now: batches run eager until their bucket length is compiled (%d lengths: %s)",
-            len(self._engine.buckets.lengths),
-            self._engine.buckets.lengths,
+            len(runner.buckets.lengths),
+            runner.buckets.lengths,
         )
         thread = threading.Thread(
-            target=self._engine.compile_buckets,
+            target=runner.compile_buckets,
             kwargs={"stop": self._stop_compiling, "on_length": on_length},
             name="compile",
             daemon=True,  # a compilation in progress must not hold up the process's exit
@@ -203,7 +205,9 @@ class Batcher:
             round_items = [item for item in round_items if not item.future.done()]
             if not round_items:
                 continue
-            for batch_indices in self._engine.plan([item.tokens for item in round_items], self._max_batch_tokens):
+            for batch_indices in self._engine.runner.plan(
+                [item.tokens for item in round_items], self._max_batch_tokens
+            ):
                 batch = [round_items[i] for i in batch_indices if not round_items[i].future.done()]
                 if batch:
                     await self._run_batch(loop, batch)
@@ -244,9 +248,7 @@ class Batcher:
 
     def _launch(self, rows: list[Sequence[int]]) -> PendingVectors:
         """In the model thread: the eager reference `forward` without buckets, else a bucketed launch."""
-        if self._engine.buckets is None:
-            return PendingVectors.of(self._engine.forward(rows))
-        return self._engine.launch(rows)
+        return self._engine.runner.launch(rows)
 
     async def _finish(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Item], pending: PendingVectors, started: float
@@ -273,7 +275,7 @@ class Batcher:
                 item.future.set_result(vector)
         if self._metrics:
             longest = max(item.tokens for item in batch)
-            buckets = self._engine.buckets
+            buckets = self._engine.runner.buckets
             rows, length = buckets.shape_for(len(batch), longest) if buckets else (len(batch), longest)
             self._metrics.observe_batch(
                 rows=len(batch),
