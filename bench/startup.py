@@ -5,9 +5,9 @@ the new one (the repeated layer compiled per bucket length, rows dynamic, served
     python -m bench.startup --arch tiny          # the same code on a tiny model, a smoke test
 
 Each phase runs in its own process, on a compile cache of its own:
-  old     `compile_scope="whole"` on --old-shapes shapes of the defaults (51 shapes at 16,384
+  old     bench.whole_model (the whole forward per shape) on --old-shapes shapes of the defaults (51 shapes at 16,384
           tokens, 63 at 65,536), timed one by one; the other shapes are extrapolated from their mean;
-  new     `compile_scope="layers"` on the first --new-lengths (default: all) of the 12 bucket lengths, timed
+  new     the server's regional compilation on the first --new-lengths (default: all) of the 12 bucket lengths, timed
           one by one (any not measured extrapolated likewise); graphs counted by dynamo;
   warm    the same lengths again in a fresh process, from the compile cache `new` left;
   serve   `scholarembed serve --compile on` at the defaults: seconds until SERVING (it serves eagerly
@@ -68,21 +68,22 @@ def steady_seconds(forward: Any, repeats: int = 5) -> float:
 
 def old_phase(model_dir: Path, device: str, shapes: int, budget: int) -> dict[str, Any]:
     """The whole forward compiled for `shapes` shapes of the defaults, one by one, the speed shape first."""
-    from scholarembed_server.buckets import LengthBuckets
-    from scholarembed_server.compilation import graphs_compiled
-    from scholarembed_server.engine import EmbeddingEngine, use_compile_cache
+    from bench.whole_model import WholeModelCompiled
+    from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.buckets import LengthBuckets
+    from scholarembed_server.model.compilation import graphs_compiled, use_compile_cache
 
     use_compile_cache(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     engine = EmbeddingEngine.load(str(model_dir), device=device)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=budget)
-    whole = engine.with_buckets(buckets, compile_mode="default", compile_scope="whole")
+    whole = WholeModelCompiled(engine.model, buckets)
     short = engine.tokenize(["warmup"])[0].ids
     timed_shape = speed_shape(buckets)
     measured = [timed_shape, *(shape for shape in buckets.shapes() if shape != timed_shape)][:shapes]
     seconds = []
     for rows, length in measured:
         started = time.perf_counter()
-        whole.launch([(short * length)[:length]] * rows).wait()
+        whole.launch([(short * length)[:length]] * rows)
         seconds.append(time.perf_counter() - started)
         print(f"old design: shape {rows} x {length} compiled in {seconds[-1]:.1f}s", file=sys.stderr)
     rows, length = timed_shape
@@ -92,21 +93,21 @@ def old_phase(model_dir: Path, device: str, shapes: int, budget: int) -> dict[st
         "seconds": seconds,
         "graphs": graphs_compiled(),
         "speed_shape": timed_shape,
-        "compiled_forward_s": steady_seconds(lambda: whole.launch(batch).wait()),
-        "eager_forward_s": steady_seconds(lambda: engine.forward(batch)),
+        "compiled_forward_s": steady_seconds(lambda: whole.launch(batch)),
+        "eager_forward_s": steady_seconds(lambda: engine.runner.forward(batch)),
     }
 
 
 def new_phase(model_dir: Path, device: str, lengths: int, budget: int) -> dict[str, Any]:
     """The repeated layer compiled for the first `lengths` bucket lengths of the defaults, one by one."""
-    from scholarembed_server.buckets import LengthBuckets
-    from scholarembed_server.compilation import fx_graph_cache_counts, graphs_compiled
-    from scholarembed_server.engine import EmbeddingEngine, use_compile_cache
+    from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.buckets import LengthBuckets
+    from scholarembed_server.model.compilation import fx_graph_cache_counts, graphs_compiled, use_compile_cache
 
     use_compile_cache(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     engine = EmbeddingEngine.load(str(model_dir), device=device)
     buckets = LengthBuckets.create(None, max_tokens=engine.max_tokens, max_batch_tokens=budget)
-    layers = engine.with_buckets(buckets, compile_mode="default", compile_scope="layers")
+    layers = engine.with_buckets(buckets, compile_mode="default").runner
     chosen = buckets.lengths[:lengths] if lengths else buckets.lengths
     seconds = []
     for length in chosen:
@@ -114,7 +115,7 @@ def new_phase(model_dir: Path, device: str, lengths: int, budget: int) -> dict[s
         layers.compile_length(length)
         seconds.append(time.perf_counter() - started)
         print(f"new design: length {length} compiled in {seconds[-1]:.1f}s", file=sys.stderr)
-    assert len(layers.regional.ready) == len(chosen), layers.regional.failed
+    assert layers.compiler is not None and len(layers.compiler.ready) == len(chosen), layers.compiler.failed
     hits, misses = fx_graph_cache_counts()
     short = engine.tokenize(["warmup"])[0].ids
     rows, length = speed_shape(buckets)
@@ -186,8 +187,8 @@ def main() -> None:
 
     import torch
 
-    from scholarembed_server.buckets import LengthBuckets
     from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.buckets import LengthBuckets
 
     max_tokens = EmbeddingEngine.load(str(model_dir), device="cpu").max_tokens
     defaults = {

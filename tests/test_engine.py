@@ -12,15 +12,12 @@ import torch
 from reference import ModelCard, card_passage, card_query, cosine
 from tiny_model import WORDS, build_tiny_embeddinggemma
 
-from scholarembed_server.engine import (
-    EMBEDDINGGEMMA_PROMPTS,
-    EmbeddingEngine,
-    InputType,
-    Truncation,
-    matryoshka,
-    plan_batches,
-)
+from scholarembed_server.engine import EmbeddingEngine, matryoshka
 from scholarembed_server.errors import InvalidArgumentError, ModelLoadError
+from scholarembed_server.model.loading import pool
+from scholarembed_server.model.prompts import EMBEDDINGGEMMA_PROMPTS, InputType
+from scholarembed_server.model.runner import plan_batches
+from scholarembed_server.model.tokenization import Truncation
 
 ORACLE = 0.99999
 
@@ -65,9 +62,10 @@ def test_matryoshka_dimensions_match_the_model_card(tiny_engine, card, dimension
 def test_batching_and_padding_never_change_a_vector(tiny_engine) -> None:
     texts = mixed_texts()
     rows = [t.ids for t in tiny_engine.tokenize(texts)]
-    alone = np.stack([tiny_engine.forward([row]) for row in rows])[:, 0]
-    together = tiny_engine.forward(rows)
-    reversed_order = tiny_engine.forward(rows[::-1])[::-1]
+    forward = tiny_engine.runner.forward
+    alone = np.stack([forward([row]) for row in rows])[:, 0]
+    together = forward(rows)
+    reversed_order = forward(rows[::-1])[::-1]
     assert cosine(alone, together).min() >= ORACLE
     assert cosine(alone, reversed_order).min() >= ORACLE
 
@@ -88,10 +86,10 @@ def test_plan_batches_respects_the_padded_token_budget() -> None:
     assert [6] in batches  # longer than the budget: alone
 
 
-def test_mean_pooling_ignores_whatever_is_in_padded_positions(tiny_engine) -> None:
+def test_mean_pooling_ignores_whatever_is_in_padded_positions() -> None:
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [float("nan"), float("inf")]]])
     mask = torch.tensor([[True, True, False]])
-    assert torch.equal(tiny_engine._pool(hidden, mask), torch.tensor([[2.0, 3.0]]))
+    assert torch.equal(pool(hidden, mask, "mean"), torch.tensor([[2.0, 3.0]]))
 
 
 def test_matryoshka_truncates_then_renormalises() -> None:
@@ -112,7 +110,7 @@ def test_long_texts_are_truncated_and_flagged_or_rejected(tiny_engine, tiny_mode
     assert result.token_counts[0] == tiny_engine.max_tokens == 128  # from sentence_bert_config.json
     assert result.truncated == [True, False]
     ids = tiny_engine.tokenize([long_text])[0].ids
-    assert ids[-1] == tiny_engine.tokenizer.eos_token_id  # special tokens survive truncation
+    assert ids[-1] == tiny_engine.model.tokenization.tokenizer.eos_token_id  # special tokens survive truncation
     card = ModelCard(tiny_model_dir, max_length=128)
     assert cosine(result.vectors[0], card.embed(long_text)).min() >= ORACLE
     with pytest.raises(InvalidArgumentError) as error:
@@ -132,7 +130,7 @@ def test_bare_gemma_folder_gets_the_model_card_prompts_and_plain_pooling(tmp_pat
     folder = build_tiny_embeddinggemma(tmp_path / "bare", st_files=False)
     engine = EmbeddingEngine.load(str(folder))
     assert engine.prompts == EMBEDDINGGEMMA_PROMPTS
-    assert len(engine.dense) == 0
+    assert len(engine.model.head) == 0 and engine.model.pooling == "mean"
     assert engine.max_tokens == 512  # the model's position limit: no sentence_bert_config.json
     card = ModelCard(folder)
     texts = mixed_texts(9)
@@ -153,8 +151,8 @@ def test_sliding_window_is_the_trained_one_whichever_form_the_config_stores(tmp_
     (resaved / "config.json").write_text(json.dumps(config))
 
     engine = EmbeddingEngine.load(str(resaved))
-    assert engine.model.config.sliding_window == 9
-    assert EmbeddingEngine.load(str(original)).model.config.sliding_window == 9
+    assert engine.model.encoder.config.sliding_window == 9
+    assert EmbeddingEngine.load(str(original)).model.encoder.config.sliding_window == 9
 
     long_text = " ".join(WORDS[:60])  # far longer than the window, so the window matters
     reference = ModelCard(original).embed(long_text)
@@ -171,3 +169,27 @@ def test_missing_model_gives_a_clear_error(monkeypatch, tmp_path) -> None:
         EmbeddingEngine.load("LinerAI/embeddinggemma-300m-academic")
     with pytest.raises(ModelLoadError, match=r"not a folder|could not be loaded"):
         EmbeddingEngine.load(str(tmp_path / "no-such-folder"))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path) -> None:
+    """Loading is strict: transformers would otherwise start the missing layer from random values."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_tiny_embeddinggemma(tmp_path / "missing-weight")
+    weights = load_file(folder / "model.safetensors")
+    dropped = sorted(weights)[-1]
+    del weights[dropped]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=f"missing.*{dropped}"):
+        EmbeddingEngine.load(str(folder))
+
+
+def test_a_dense_head_whose_weights_do_not_match_is_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = build_tiny_embeddinggemma(tmp_path / "renamed-dense-weight")
+    dense = folder / "2_Dense" / "model.safetensors"
+    weights = {f"renamed.{key}": value for key, value in load_file(dense).items()}
+    save_file(weights, dense, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="2_Dense"):
+        EmbeddingEngine.load(str(folder))

@@ -18,8 +18,10 @@ from tiny_model import GEMMA3_TOKENIZER, WORDS, build_long_tiny_embeddinggemma
 
 from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
-from scholarembed_server.engine import EmbeddingEngine, InputType, Truncation
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.errors import InvalidArgumentError
+from scholarembed_server.model.prompts import InputType
+from scholarembed_server.model.tokenization import Truncation
 from scholarembed_server.random_model import embeddinggemma_tokenizer
 
 ORACLE = 0.99999
@@ -53,7 +55,7 @@ def test_texts_are_wrapped_in_bos_and_eos_around_gemma3s_own_ids(engine, gemma3_
     from tokenizers import Tokenizer
 
     gemma3 = Tokenizer.from_file(str(gemma3_folder / "tokenizer.json"))
-    assert gemma3.get_vocab_size() == len(engine.tokenizer) == 262_145
+    assert gemma3.get_vocab_size() == len(engine.model.tokenization.tokenizer) == 262_145
     assert engine.max_tokens == 2048
     prompted = engine.prompts.apply(["Graphene band gap under 1.2% strain (DFT)"], InputType.QUERY)
     assert prompted == ["task: search result | query: Graphene band gap under 1.2% strain (DFT)"]

@@ -11,9 +11,10 @@ import torch
 from reference import cosine
 from tiny_model import WORDS
 
-from scholarembed_server.engine import EmbeddingEngine, InputType
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.index.base import IndexKind, StoredPassage, VectorStorage
 from scholarembed_server.index.embedded import EmbeddedIndex
+from scholarembed_server.model.prompts import InputType
 
 
 def unit_vectors(count: int, dimensions: int = 64, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from reference import cosine
 
-from scholarembed_server.engine import EmbeddingEngine, InputType, PromptTemplates
+from scholarembed_server.engine import EmbeddingEngine
+from scholarembed_server.model.prompts import InputType, PromptTemplates
 
 TEXTS = [
     "Vitamin D supplementation reduces the risk of fractures in elderly women.",
@@ -29,7 +30,7 @@ def test_minilm_settings_come_from_its_folder(minilm) -> None:
     assert minilm.dimensions == 384
     assert minilm.matryoshka_dims == (384,)
     assert minilm.prompts == PromptTemplates()  # no prompts: raw text, "title text" for passages
-    assert minilm.pooling == "mean"
+    assert minilm.model.pooling == "mean"
 
 
 def test_minilm_matches_sentence_transformers(minilm, minilm_dir) -> None:

@@ -28,10 +28,10 @@ from conftest import TINY_MATRYOSHKA  # noqa: E402
 from scifact_subset import SCIFACT, write_subset  # noqa: E402
 
 from scholarembed import Client  # noqa: E402
-from scholarembed_server.engine import InputType  # noqa: E402
 from scholarembed_server.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
 from scholarembed_server.index.base import IndexKind, VectorStorage  # noqa: E402
 from scholarembed_server.index.embedded import DataDirInUseError, EmbeddedIndex  # noqa: E402
+from scholarembed_server.model.prompts import InputType  # noqa: E402
 from scholarembed_server.ray import (  # noqa: E402
     CorpusError,
     EngineSpec,
@@ -110,7 +110,7 @@ def test_ray_vectors_equal_the_in_process_engine_with_every_id_once(shards: Path
     expected = expected[[position[i] for i in ids]]
     cosines = np.sum(vectors * expected, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosines.min() >= 0.99999
-    assert metadata["model"] == tiny_engine.model_id and metadata["model_source"] == tiny_engine.source
+    assert metadata["model"] == tiny_engine.model_id and metadata["model_source"] == tiny_engine.model.source
     assert (metadata["dimensions"], metadata["encoding"], metadata["input_type"]) == (64, "float32", "passage")
     assert "title: {title} | text: {text}" in metadata["prompt"]
     table = pq.read_table(shards / f"{sorted(completed_shards(str(shards)))[0]}.parquet")

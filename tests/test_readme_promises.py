@@ -42,30 +42,32 @@ from scholarembed.v1 import search_pb2 as spb
 from scholarembed.v1 import search_pb2_grpc as spb_grpc
 from scholarembed_server import config as server_config
 from scholarembed_server.cli import build_parser
-from scholarembed_server.engine import EmbeddingEngine, InputType
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.index.base import IndexKind, StoredPassage, VectorStorage
 from scholarembed_server.index.embedded import EmbeddedIndex
+from scholarembed_server.model.prompts import InputType
 
 
-class GatedEngine:
-    """The real engine; forward passes beyond the first `free_passes` wait at a gate the test opens."""
+class GatedRunner:
+    """The real engine's runner; forward passes beyond the first `free_passes` wait at a gate the test opens."""
 
-    def __init__(self, engine: Any, free_passes: int = 0) -> None:
-        self._engine = engine
+    def __init__(self, engine: EmbeddingEngine, free_passes: int = 0) -> None:
+        self._runner = engine.runner
+        self.engine = EmbeddingEngine(engine.model, self)  # type: ignore[arg-type]  # the engine around this runner
         self.free_passes = free_passes
         self.passes = 0
         self.gate = threading.Event()
         self.held = threading.Semaphore(0)  # released each time a forward pass stops at the gate
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+        return getattr(self._runner, name)
 
-    def forward(self, batch: Any) -> np.ndarray:
+    def launch(self, batch: Any) -> Any:
         self.passes += 1
         if self.passes > self.free_passes and not self.gate.is_set():
             self.held.release()
             assert self.gate.wait(120)
-        return self._engine.forward(batch)
+        return self._runner.launch(batch)
 
 
 def corpus(count: int, prefix: str = "p") -> list[Passage]:
@@ -85,8 +87,8 @@ def run_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(tiny_engine, in_process_server) -> None:
-    engine = GatedEngine(tiny_engine)
-    server = in_process_server(engine=engine, max_concurrent_rpcs=2, max_wait_ms=0)
+    engine = GatedRunner(tiny_engine)
+    server = in_process_server(engine=engine.engine, max_concurrent_rpcs=2, max_wait_ms=0)
     request = pb.EmbedRequest(texts=["protein"], input_type=pb.INPUT_TYPE_QUERY)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
@@ -352,8 +354,8 @@ def write_jsonl(path: Path, passages: list[Passage]) -> None:
 
 
 def test_index_interrupted_then_run_again_upserts_only_the_rest(tmp_path, tiny_engine, in_process_server) -> None:
-    engine = GatedEngine(tiny_engine, free_passes=3)
-    server = in_process_server(engine=engine, data_dir=str(tmp_path / "data"))
+    engine = GatedRunner(tiny_engine, free_passes=3)
+    server = in_process_server(engine=engine.engine, data_dir=str(tmp_path / "data"))
     passages = corpus(300)
     write_jsonl(tmp_path / "corpus.jsonl", passages)
     command = ["index", "--corpus", str(tmp_path / "corpus.jsonl"), "--collection", "resumed"]

@@ -25,11 +25,12 @@ from tiny_model import WORDS, build_long_tiny_embeddinggemma
 
 from scholarembed import Client
 from scholarembed_server.batcher import Batcher
-from scholarembed_server.buckets import LengthBuckets
-from scholarembed_server.compilation import graphs_compiled
 from scholarembed_server.config import ServerConfig, batch_token_budget, default_tokenizer_threads
 from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.metrics import Metrics
+from scholarembed_server.model.buckets import LengthBuckets
+from scholarembed_server.model.compilation import graphs_compiled
+from scholarembed_server.model.prompts import InputType
 from scholarembed_server.random_model import build_tokenizer
 
 ORACLE = 0.99999
@@ -45,7 +46,7 @@ def rows_of(engine: EmbeddingEngine, word_counts: list[int]) -> list[list[int]]:
 
 
 def eager_reference(engine: EmbeddingEngine, rows: list[list[int]]) -> np.ndarray:
-    return np.concatenate([engine.forward([row]) for row in rows])
+    return np.concatenate([engine.runner.forward([row]) for row in rows])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def long_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fresh_engine(folder: Path) -> EmbeddingEngine:
-    """An engine of its own: compiling wraps the model's layers, which must not leak into other tests."""
+    """An engine of its own, so a test's compilations start from a model no other test has run."""
     return EmbeddingEngine.load(str(folder))
 
 
@@ -70,9 +71,10 @@ def assert_one_graph_per_length_and_layer_kind(engine: EmbeddingEngine, buckets:
     compiled once per shape."""
     torch._dynamo.reset()  # counts start from nothing; other tests' compilations recompile if needed
     before = graphs_compiled()
-    compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager")
+    compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager").runner
+    assert compiled.compiler is not None
     compiled.compile_buckets()
-    assert compiled.regional.ready == set(buckets.lengths) and not compiled.regional.failed
+    assert compiled.compiler.ready == set(buckets.lengths) and not compiled.compiler.failed
     short = engine.tokenize(["warmup"])[0].ids
     for rows, length in buckets.shapes():  # every static shape a batch can run in
         pending = compiled.launch([(short * length)[:length]] + [short] * (rows - 1))
@@ -100,18 +102,20 @@ def test_the_former_whole_forward_design_compiles_once_per_shape(tiny_model_dir)
     torch._dynamo.reset()
     engine = fresh_engine(tiny_model_dir)
     buckets = LengthBuckets.create("16", max_tokens=32, max_batch_tokens=64)  # shapes 1, 4 x 16; 1, 2 x 32
-    whole = engine.with_buckets(buckets, compile_mode="default", compile_scope="whole", compile_backend="eager")
+    from bench.whole_model import WholeModelCompiled
+
+    whole = WholeModelCompiled(engine.model, buckets, backend="eager")
     before = graphs_compiled()
     short = engine.tokenize(["warmup"])[0].ids
     for rows, length in buckets.shapes():
-        whole.launch([(short * length)[:length]] * rows).wait()
+        whole.launch([(short * length)[:length]] * rows)
     assert graphs_compiled() - before == len(buckets.shapes()) == 4
 
 
 def test_compiled_layers_equal_the_eager_reference_dummy_rows_and_full_rows_included(tiny_model_dir) -> None:
     engine = fresh_engine(tiny_model_dir)
     buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=256)
-    compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager")
+    compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager").runner
     compiled.compile_buckets()
     for word_counts in ([1, 12, 3], [2], [9] * 8, [40, 1]):  # dummy rows; one row (run as two); longer ones
         rows = rows_of(engine, word_counts)
@@ -125,17 +129,56 @@ def test_compiled_layers_equal_the_eager_reference_dummy_rows_and_full_rows_incl
 
 
 def test_inductor_compiled_layers_equal_the_eager_reference(tiny_model_dir, tmp_path) -> None:
-    from scholarembed_server.engine import use_compile_cache
+    from scholarembed_server.model.compilation import use_compile_cache
 
     use_compile_cache(tmp_path / "inductor")
     engine = fresh_engine(tiny_model_dir)
     buckets = LengthBuckets.create("16", max_tokens=16, max_batch_tokens=64)  # one length: rows 1, 4
-    compiled = engine.with_buckets(buckets, compile_mode="default")
+    compiled = engine.with_buckets(buckets, compile_mode="default").runner
+    assert compiled.compiler is not None
     compiled.compile_buckets()
-    assert compiled.regional.ready == {16}
+    assert compiled.compiler.ready == {16}
     for word_counts in ([1, 12, 3], [2], [9] * 4):
         rows = [row[:16] for row in rows_of(engine, word_counts)]
         assert cosine(compiled.launch(rows).wait(), eager_reference(engine, rows)).min() >= ORACLE
+
+
+def test_lengths_compiled_on_another_thread_each_get_their_graph(tiny_model_dir) -> None:
+    """The server compiles on a thread of its own. Dynamo's recompile limit (8 cache entries) is a per-thread
+    setting in torch 2.13, so it must be raised on that thread too: past the eighth length, a length would be
+    reported ready while its layers silently ran eager."""
+    torch._dynamo.reset()
+    engine = fresh_engine(tiny_model_dir)
+    lengths = ",".join(str(8 * i) for i in range(1, 11))  # 10 lengths, and the model's 128
+    buckets = LengthBuckets.create(lengths, max_tokens=engine.max_tokens, max_batch_tokens=256)
+    runner = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager").runner
+    assert runner.compiler is not None
+    before = graphs_compiled()
+    compiling = threading.Thread(target=runner.compile_buckets)
+    compiling.start()
+    compiling.join()
+    assert runner.compiler.ready == set(buckets.lengths) == set(range(8, 88, 8)) | {128}
+    assert graphs_compiled() - before == len(buckets.lengths)  # one graph each: none fell back to eager
+
+
+def test_runners_sharing_a_model_keep_their_own_compilations(tiny_model_dir) -> None:
+    """Compilers never touch the model: each runs its compiled layers only where it is active, so a runner
+    whose compilation fails at a length stays eager there while another runner of the same model is compiled,
+    and the plain model (the eager reference) runs no compiled code at all."""
+    engine = fresh_engine(tiny_model_dir)
+    buckets = LengthBuckets.create("16", max_tokens=engine.max_tokens, max_batch_tokens=64)
+    failing = engine.with_buckets(buckets, compile_mode="default", compile_backend=failing_at(16)).runner
+    working = engine.with_buckets(buckets, compile_mode="default", compile_backend="eager").runner
+    assert failing.compiler is not None and working.compiler is not None
+    working.compile_buckets()
+    failing.compile_buckets()
+    assert working.compiler.ready == {16, engine.max_tokens} and 16 in failing.compiler.failed
+    rows = [row[:16] for row in rows_of(engine, [3, 9])]  # the 16-token bucket
+    assert failing.launch(rows).eager_reason == "failed"
+    assert working.launch(rows).eager_reason is None
+    before = graphs_compiled()
+    assert cosine(working.launch(rows).wait(), eager_reference(engine, rows)).min() >= ORACLE
+    assert graphs_compiled() == before  # nothing recompiled: each runner found its own compilations
 
 
 def failing_at(length: int, release: threading.Event | None = None) -> Any:
@@ -157,9 +200,11 @@ def test_a_failed_compilation_leaves_its_length_eager_with_a_log_line_and_a_metr
     engine = fresh_engine(tiny_model_dir)
     buckets = LengthBuckets.create("16,32", max_tokens=engine.max_tokens, max_batch_tokens=128)
     compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend=failing_at(32))
-    with caplog.at_level(logging.WARNING, logger="scholarembed_server.engine"):
-        compiled.compile_buckets()
-    assert compiled.regional.ready == {16, 128} and set(compiled.regional.failed) == {32}
+    compiler = compiled.runner.compiler
+    assert compiler is not None
+    with caplog.at_level(logging.WARNING, logger="scholarembed_server.model.runner"):
+        compiled.runner.compile_buckets()
+    assert compiler.ready == {16, 128} and set(compiler.failed) == {32}
     assert "bucket length 32 runs eager: its compilation failed" in caplog.text
     assert "injected failure at length 32" in caplog.text
     metrics = Metrics()
@@ -182,10 +227,12 @@ def test_the_server_serves_eagerly_while_compiling_then_switches_to_compiled(tin
     release = threading.Event()
     buckets = LengthBuckets.create("16", max_tokens=engine.max_tokens, max_batch_tokens=64)
     compiled = engine.with_buckets(buckets, compile_mode="default", compile_backend=failing_at(-1, release))
+    compiler = compiled.runner.compiler
+    assert compiler is not None
     server = in_process_server(compiled)  # SERVING although no length can compile until `release`
     metrics = server.server.metrics
     texts = texts_of([3, 9])
-    expected = engine.encode(texts, engine_input_type()).vectors
+    expected = engine.encode(texts, InputType.QUERY).vectors
     try:
         with Client(server.address) as client:
             assert cosine(client.embed_queries(texts), expected).min() >= ORACLE
@@ -194,9 +241,9 @@ def test_the_server_serves_eagerly_while_compiling_then_switches_to_compiled(tin
             assert metrics.registry.get_sample_value("scholarembed_eager_fallback_batches_total", eager)
             release.set()
             deadline = time.monotonic() + 300
-            while len(compiled.regional.ready) < len(buckets.lengths) and time.monotonic() < deadline:
+            while len(compiler.ready) < len(buckets.lengths) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert compiled.regional.ready == set(buckets.lengths)
+            assert compiler.ready == set(buckets.lengths)
             assert metrics.registry.get_sample_value("scholarembed_compiled_bucket_lengths") == len(buckets.lengths)
             eager_so_far = metrics.registry.get_sample_value(
                 "scholarembed_eager_fallback_batches_total", {"reason": "compiling"}
@@ -208,12 +255,6 @@ def test_the_server_serves_eagerly_while_compiling_then_switches_to_compiled(tin
             )
     finally:
         release.set()
-
-
-def engine_input_type() -> Any:
-    from scholarembed_server.engine import InputType
-
-    return InputType.QUERY
 
 
 def test_defaults_are_sized_for_the_device() -> None:

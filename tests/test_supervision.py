@@ -32,10 +32,10 @@ from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed.v1 import search_pb2, search_pb2_grpc
 from scholarembed_server.batcher import Batcher
-from scholarembed_server.buckets import LengthBuckets
-from scholarembed_server.engine import InputType
 from scholarembed_server.errors import ServerBrokenError
 from scholarembed_server.lifecycle import EXIT_BROKEN, is_fatal
+from scholarembed_server.model.buckets import LengthBuckets
+from scholarembed_server.model.prompts import InputType
 
 DEADLINE_S = 60
 ORACLE = 0.99999

@@ -22,7 +22,7 @@ from tiny_model import WORDS
 
 from scholarembed import Client, FieldViolation, InvalidArgumentError, UnavailableError
 from scholarembed.triton import AsyncTritonClient, TritonClient
-from scholarembed_server.engine import InputType
+from scholarembed_server.model.prompts import InputType
 from scholarembed_server.triton import launcher as triton_server
 
 pytestmark = pytest.mark.triton

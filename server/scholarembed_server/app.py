@@ -28,17 +28,17 @@ from grpc_reflection.v1alpha import reflection
 from scholarembed.v1 import embedding_pb2, embedding_pb2_grpc, search_pb2, search_pb2_grpc
 
 from .batcher import Batcher
-from .buckets import LengthBuckets, Tail
-from .compilation import load_artifacts
 from .config import ServerConfig, batch_token_budget
 from .embedder import TextEmbedder
-from .engine import EmbeddingEngine, use_compile_cache
+from .engine import EmbeddingEngine
 from .grpc.admission import CallGate
 from .grpc.embedding import EmbeddingServicer
 from .grpc.search import SearchServicer, search_disabled_handler
 from .index import open_index
 from .lifecycle import EXIT_BROKEN, Phase, ServingState
 from .metrics import Metrics
+from .model.buckets import LengthBuckets, Tail
+from .model.compilation import load_artifacts, use_compile_cache
 from .searcher import Searcher
 from .security import BearerTokenInterceptor, server_credentials
 
@@ -101,9 +101,10 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
     (the CPU default), or in static bucket shapes, compiled (the CUDA default) or not."""
     if config.compile not in ("auto", "on", "off"):
         raise ValueError(f"--compile {config.compile!r}: use auto, on or off")
-    compiling = config.compile == "on" or (config.compile == "auto" and engine.device.type == "cuda")
-    if engine.buckets is not None or config.buckets == "off" or (config.buckets == "auto" and not compiling):
-        if compiling and engine.buckets is None:
+    device_type = engine.model.device.type
+    compiling = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
+    if engine.runner.buckets is not None or config.buckets == "off" or (config.buckets == "auto" and not compiling):
+        if compiling and engine.runner.buckets is None:
             raise ValueError("--compile needs static shapes: --buckets must not be off")
         return engine
     if compiling:
@@ -113,7 +114,7 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
     buckets = LengthBuckets.create(
         None if config.buckets in ("auto", "on") else config.buckets,
         max_tokens=engine.max_tokens,
-        max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type),
+        max_batch_tokens=batch_token_budget(config.max_batch_tokens, device_type),
         tail=Tail(config.tail),
         row_step=config.bucket_row_step,
     )
@@ -121,8 +122,6 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
     return engine.with_buckets(
         buckets,
         compile_mode=config.compile_mode if compiling else None,
-        cuda_graph_max_tokens=config.cuda_graph_max_tokens,
-        compile_scope=config.compile_scope,
     )
 
 
@@ -131,7 +130,7 @@ class EmbeddingServer:
 
     def __init__(self, config: ServerConfig, engine: EmbeddingEngine) -> None:
         config = dataclasses.replace(
-            config, max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type)
+            config, max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.model.device.type)
         )
         self.config = config
         self.engine = engine = with_buckets(engine, config)
@@ -173,7 +172,7 @@ class EmbeddingServer:
             EmbeddingServicer(self.embedder, config, self.metrics, gate), self.server
         )
         self.services = [EMBEDDING_SERVICE]
-        self.index = open_index(config, engine.device, engine.matryoshka_dims)
+        self.index = open_index(config, engine.model.device, engine.matryoshka_dims)
         self.searcher: Searcher | None = None
         if self.index is not None:
             self.searcher = Searcher(self.embedder, self.index, config)
@@ -223,7 +222,7 @@ class EmbeddingServer:
                 raise port_error(self.config, "metrics_port", error.strerror or str(error)) from error
         self.batcher.start()
         # Compiling layers: SERVING once the eager path is warm; lengths switch to compiled as they become ready.
-        serve_early = self.engine.compiles_layers
+        serve_early = self.engine.runner.compiler is not None
         await self.batcher.warmup(compile=not serve_early)
         self.serving.serve()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

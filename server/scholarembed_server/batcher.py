@@ -40,10 +40,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .engine import EmbeddingEngine, PendingVectors
+from .engine import EmbeddingEngine
 from .errors import InputTooLargeError, QueueFullError, ScholarEmbedError, ServerBrokenError, UnavailableError
 from .lifecycle import describe, is_fatal, shut_down
 from .metrics import Metrics
+from .model.runner import PendingVectors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,30 +130,31 @@ class Batcher:
         self._worker.add_done_callback(self._supervise)
 
     async def warmup(self, *, compile: bool = True) -> None:
-        """Warm the engine up (compiling its bucket shapes, if any, unless not `compile`) in the thread that
-        will run the model: CUDA graphs are recorded per thread. Start-up has no watchdog: compiling takes
-        as long as it takes, and a failure there is a start-up failure."""
+        """Warm the engine up (compiling its bucket lengths, if any, unless not `compile`) in the thread that
+        will run the model. Start-up has no watchdog: compiling takes as long as it takes, and a failure there
+        is a start-up failure."""
         await asyncio.get_running_loop().run_in_executor(
-            self._model_thread, lambda: self._engine.warmup(compile=compile)
+            self._model_thread, lambda: self._engine.runner.warmup(compile=compile)
         )
 
     def compile_in_background(self) -> threading.Thread:
-        """Compile the engine's bucket lengths (compile_scope "layers") in a thread of their own while the
-        model thread serves: a batch whose length is not ready runs eager, then switches to compiled.
-        No CUDA graphs are recorded on this path, so compiling off the model thread is safe."""
+        """Compile the engine's bucket lengths in a thread of their own while the model thread serves: a batch
+        whose length is not ready runs eager, then switches to compiled. No CUDA graphs are recorded on this
+        path, so compiling off the model thread is safe."""
 
         def on_length(length: int, state: str) -> None:
             if self._metrics:
-                self._metrics.compiled_lengths.set(len(self._engine.regional.ready))
+                self._metrics.compiled_lengths.set(len(runner.compiler.ready))
 
-        assert self._engine.buckets is not None
+        runner = self._engine.runner
+        assert runner.buckets is not None and runner.compiler is not None
         log.info(
             "serving now: batches run eager until their bucket length is compiled (%d lengths: %s)",
-            len(self._engine.buckets.lengths),
-            self._engine.buckets.lengths,
+            len(runner.buckets.lengths),
+            runner.buckets.lengths,
         )
         thread = threading.Thread(
-            target=self._engine.compile_buckets,
+            target=runner.compile_buckets,
             kwargs={"stop": self._stop_compiling, "on_length": on_length},
             name="compile",
             daemon=True,  # a compilation in progress must not hold up the process's exit
@@ -253,7 +255,7 @@ class Batcher:
         return [item for item in round_items if not item.future.done()]
 
     def _plan(self, round_items: list[_Item]) -> list[list[_Item]]:
-        plan = self._engine.plan([item.tokens for item in round_items], self._max_batch_tokens)
+        plan = self._engine.runner.plan([item.tokens for item in round_items], self._max_batch_tokens)
         # A row planned twice would get two vectors; a row left out would wait forever.
         if sorted(index for batch in plan for index in batch) != list(range(len(round_items))):
             raise RuntimeError(f"the plan does not hold each of the round's {len(round_items)} rows once")
@@ -293,9 +295,7 @@ class Batcher:
 
     def _launch(self, rows: list[Sequence[int]]) -> PendingVectors:
         """In the model thread: the eager reference `forward` without buckets, else a bucketed launch."""
-        if self._engine.buckets is None:
-            return PendingVectors.of(self._engine.forward(rows))
-        return self._engine.launch(rows)
+        return self._engine.runner.launch(rows)
 
     async def _collect(self, batch: list[_Item], pending: PendingVectors, started: float) -> None:
         """Wait for a launched batch's vectors (in the fetch thread unless they are back) and hand them
@@ -364,7 +364,7 @@ class Batcher:
                 item.future.set_result(vector)
         if self._metrics:
             longest = max(item.tokens for item in batch)
-            buckets = self._engine.buckets
+            buckets = self._engine.runner.buckets
             rows, length = buckets.shape_for(len(batch), longest) if buckets else (len(batch), longest)
             self._metrics.observe_batch(
                 rows=len(batch),

@@ -184,30 +184,30 @@ def serve_or_compile(args: argparse.Namespace) -> int:
             logging.shutdown()
             os._exit(status)
         return 0
-    from .compilation import save_artifacts
+    from .model.compilation import save_artifacts
 
     engine = load_engine(config)
     config = dataclasses.replace(
         config,
         compile="on",
-        max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.device.type),
+        max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.model.device.type),
     )
     engine = with_buckets(engine, config)
-    engine.warmup()  # compiles every bucket length (or shape, with --compile-scope whole)
-    assert engine.buckets is not None
+    runner = engine.runner
+    runner.warmup()  # compiles every bucket length
+    assert runner.buckets is not None
     path = save_artifacts(
         args.output,
         {
-            "model": engine.source,
-            "device": str(engine.device),
-            "dtype": engine.dtype_name,
-            "compile_scope": engine.compile_scope,
-            "compile_mode": engine.compile_mode,
-            "bucket_lengths": list(engine.buckets.lengths),
-            "max_batch_tokens": engine.buckets.max_batch_tokens,
+            "model": engine.model.source,
+            "device": str(engine.model.device),
+            "dtype": engine.model.dtype_name,
+            "compile_mode": runner.compile_mode,
+            "bucket_lengths": list(runner.buckets.lengths),
+            "max_batch_tokens": runner.buckets.max_batch_tokens,
         },
     )
-    print(f"wrote {path} ({path.stat().st_size} bytes, {engine.compile_seconds:.1f}s of compiling)", file=sys.stderr)
+    print(f"wrote {path} ({path.stat().st_size} bytes, {runner.compile_seconds:.1f}s of compiling)", file=sys.stderr)
     return 0
 
 
@@ -349,7 +349,8 @@ def _embed_through_server(args: argparse.Namespace, items: Iterator[StreamItem])
 
 
 def _embed_in_process(args: argparse.Namespace, items: Iterator[StreamItem]) -> tuple[int, Iterator[np.ndarray]]:
-    from .engine import EmbeddingEngine, InputType
+    from .engine import EmbeddingEngine
+    from .model.prompts import InputType
 
     engine = EmbeddingEngine.load(args.model, device=args.device)
     dimensions = engine.check_dimensions(args.dimensions)

@@ -86,12 +86,10 @@ class ServerConfig:
     tokenizer_threads: int = _opt(
         default_tokenizer_threads(), "threads that tokenize, overlapping the forward pass (default: half the CPUs, 2-8)"
     )
-    compile: str = _opt("auto", "torch.compile the bucket shapes at start-up: auto (on with CUDA), on or off")
-    compile_mode: str = _opt("default", "torch.compile mode of the larger shapes, e.g. max-autotune-no-cudagraphs")
-    cuda_graph_max_tokens: int = _opt(16384, "compiled shapes up to this many padded tokens replay CUDA graphs")
-    compile_scope: str = _opt(
-        "layers", "what is compiled: layers (the repeated layer, once per bucket length, served early) or whole"
+    compile: str = _opt(
+        "auto", "torch.compile the repeated layer once per bucket length, served early: auto (on with CUDA), on, off"
     )
+    compile_mode: str = _opt("default", "torch.compile mode, e.g. max-autotune-no-cudagraphs")
     compile_artifacts: str | None = _opt(
         None, "folder written by `scholarembed compile`: its compilations are loaded at start instead of made"
     )

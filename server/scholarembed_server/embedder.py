@@ -18,9 +18,11 @@ from scholarembed.v1 import embedding_pb2 as pb
 
 from .batcher import Batcher
 from .config import ServerConfig
-from .engine import EmbeddingEngine, InputType, TokenizedText, Truncation, matryoshka
+from .engine import EmbeddingEngine, matryoshka
 from .errors import InvalidArgumentError
 from .lifecycle import ServingState
+from .model.prompts import InputType
+from .model.tokenization import TokenizedText, Truncation
 
 _INPUT_TYPES = {
     pb.INPUT_TYPE_QUERY: InputType.QUERY,
@@ -146,12 +148,12 @@ class TextEmbedder:
 def model_info(engine: EmbeddingEngine, config: ServerConfig) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         model_id=engine.model_id,
-        model_source=engine.source,
+        model_source=engine.model.source,
         dimensions=engine.dimensions,
         matryoshka_dimensions=list(engine.matryoshka_dims),
         max_tokens=engine.max_tokens,
-        dtype=engine.dtype_name,
-        device=str(engine.device),
+        dtype=engine.model.dtype_name,
+        device=str(engine.model.device),
         prompts=pb.Prompts(
             query=engine.prompts.query,
             passage=engine.prompts.passage,

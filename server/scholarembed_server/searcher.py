@@ -25,7 +25,7 @@ from scholarembed.v1 import search_pb2 as pb
 
 from .config import ServerConfig
 from .embedder import TextEmbedder
-from .engine import InputType, Truncation, matryoshka
+from .engine import matryoshka
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .index.base import (
     AnyOf,
@@ -41,6 +41,8 @@ from .index.base import (
     check_collection_name,
 )
 from .lifecycle import shut_down
+from .model.prompts import InputType
+from .model.tokenization import Truncation
 
 MAX_ID_BYTES = 512
 MAX_GET_IDS = 10_000

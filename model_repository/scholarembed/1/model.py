@@ -125,10 +125,10 @@ class TritonPythonModel:
             matryoshka_dims=[int(d) for d in dims.split(",") if d.strip()] or None,
         )
         self.max_batch_tokens = int(setting(parameters, "max_batch_tokens") or 16384)
-        self.engine.warmup()
+        self.engine.runner.warmup()
         pb_utils.Logger.log_info(
-            f"scholarembed: {self.engine.model_id} from {self.engine.source} on {self.engine.device} "
-            f"({self.engine.dtype_name}), dimensions {list(self.engine.matryoshka_dims)}, "
+            f"scholarembed: {self.engine.model_id} from {self.engine.model.source} on {self.engine.model.device} "
+            f"({self.engine.model.dtype_name}), dimensions {list(self.engine.matryoshka_dims)}, "
             f"max {self.engine.max_tokens} tokens: ready"
         )
 
@@ -164,7 +164,7 @@ class TritonPythonModel:
                     responses[job.index] = error_response(error)
         if not tokenized_groups:
             return
-        vectors = self.engine.forward_planned(
+        vectors = self.engine.runner.forward_planned(
             [row for _, rows in tokenized_groups for row in rows], self.max_batch_tokens
         )
 

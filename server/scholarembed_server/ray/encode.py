@@ -152,7 +152,7 @@ class EmbedSummary:
 def engine_metadata(engine: EmbeddingEngine) -> dict[str, Any]:
     return {
         "model": engine.model_id,
-        "model_source": engine.source,
+        "model_source": engine.model.source,
         "model_dimensions": engine.dimensions,
         "matryoshka_dimensions": list(engine.matryoshka_dims),
         "max_tokens": engine.max_tokens,
@@ -247,7 +247,7 @@ class EngineShardEncoder(_ShardEncoder):
         self.check_metadata()
 
     def embed(self, texts: list[str], titles: list[str] | None) -> tuple[np.ndarray, list[int], list[bool]]:
-        from ..engine import InputType
+        from ..model.prompts import InputType
 
         result = self.engine.encode(
             texts,

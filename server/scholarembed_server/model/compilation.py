@@ -8,10 +8,12 @@ compilation per bucket length, whatever the token budget (Gemma3's sliding-windo
 layers share it: they differ only in their masks and rotary tables, which are inputs; the engine
 turns the KV cache off, whose per-layer index would otherwise give each layer its own graph).
 
-Each length becomes ready on its own (`compile_length`), so a server can answer eagerly at once and
-switch a length to its compiled layers when it is ready. A length whose compilation failed stays
-eager for good. Compiled layers run only inside `active()`, on the calling thread: the same model
-serves the eager reference path, and another thread may compile while the model thread serves.
+Each length becomes ready on its own (`DeviceRunner.compile_length`), so a server can answer eagerly at
+once and switch a length to its compiled layers when it is ready. A length whose compilation failed stays
+eager for good. The model's layers are wrapped once, at load (`install_layer_dispatch`), in a dispatch that
+runs the compiled code of the compiler active on the calling thread (`RegionalCompiler.active()`), else the
+plain layer. So compilers never change the model: the same model serves the eager reference path, another
+thread may compile while the model thread serves, and runners with different compile settings share it.
 
 Compilations can be shipped: `save_artifacts` writes torch's portable cache artifacts
 (`torch.compiler.save_cache_artifacts`) into a folder, `load_artifacts` hot-loads them into a fresh
@@ -23,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +59,26 @@ def _call_layer(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return layer(*args, **kwargs)
 
 
-class _RegionalLayer(nn.Module):
-    """Wraps one layer: its compiled code inside `RegionalCompiler.active()` on this thread, else the layer."""
+# Dynamo keeps one cache entry of `_call_layer` per bucket length and layer kind (Gemma3 has two: sliding
+# window and full attention) and compiler, and past its recompile limit (default 8) it runs eager without a
+# word. The limit is read on the thread that compiles, and torch keeps config overrides per thread (2.13: a
+# ContextVar), so a value set once on one thread leaves the compile thread at 8. It is raised where compiled
+# layers run, in `RegionalCompiler.active()`, for that thread and only while it runs them.
+MAX_BUCKET_LENGTHS = 64
+_RECOMPILE_LIMITS = {"recompile_limit": 8 * MAX_BUCKET_LENGTHS, "accumulated_recompile_limit": 32 * MAX_BUCKET_LENGTHS}
+_active = threading.local()  # the RegionalCompiler whose compiled layers run on this thread, if any
 
-    def __init__(self, layer: nn.Module, compiler: RegionalCompiler) -> None:
+
+class _LayerDispatch(nn.Module):
+    """Wraps one layer: the compiled code of the compiler active on this thread, else the layer itself."""
+
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
-        self._compiler = [compiler]  # in a list: a Module attribute would register it as a submodule
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        compiler = self._compiler[0]
-        if not compiler.is_active():
+        compiler: RegionalCompiler | None = getattr(_active, "compiler", None)
+        if compiler is None:
             return self.layer(hidden_states, *args, **kwargs)
         rows = hidden_states.shape[0]
         if kwargs.get("attention_mask", False) is None and hidden_states.dim() == 3:
@@ -82,6 +94,19 @@ class _RegionalLayer(nn.Module):
         return compiler.compiled(self.layer, hidden_states, *args, **kwargs)
 
 
+def install_layer_dispatch(model: nn.Module) -> None:
+    """Wrap each of the model's repeated layers (if it has them) in a `_LayerDispatch`, once, at load: the
+    model is never changed again, and any number of compilers (with their own settings) can share it, each
+    running its compiled layers only on the thread where it is active."""
+    try:
+        layers = repeated_layers(model)
+    except ValueError:
+        return  # nothing to compile regionally; a RegionalCompiler for it says so
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, _LayerDispatch):
+            layers[index] = _LayerDispatch(layer)
+
+
 def _tensors(*values: Any) -> Iterator[torch.Tensor]:
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -93,44 +118,56 @@ def _tensors(*values: Any) -> Iterator[torch.Tensor]:
 
 
 class RegionalCompiler:
-    """The compiled layer of one model, and which bucket lengths it is ready (or failed) for."""
+    """A compiled layer for a model's `_LayerDispatch` layers, and which bucket lengths it is ready (or failed)
+    for. Its compiled code runs only inside `active()`, on the calling thread."""
 
-    def __init__(self, model: nn.Module, *, mode: str | None, backend: str | Callable[..., Any] = "inductor") -> None:
-        import torch._dynamo.config as dynamo_config
-
-        self.layers = repeated_layers(model)
+    def __init__(
+        self,
+        model: nn.Module,
+        lengths: Sequence[int],
+        *,
+        mode: str | None,
+        backend: str | Callable[..., Any] = "inductor",
+    ) -> None:
+        if not all(isinstance(layer, _LayerDispatch) for layer in repeated_layers(model)):
+            raise ValueError(f"{type(model).__name__}: its layers were not prepared (install_layer_dispatch)")
+        if len(lengths) > MAX_BUCKET_LENGTHS:
+            raise ValueError(f"{len(lengths)} bucket lengths: at most {MAX_BUCKET_LENGTHS} can be compiled")
         self.mode = mode
         self.compiled = torch.compile(_call_layer, mode=mode, backend=backend, dynamic=False)
         self.ready: set[int] = set()  # bucket lengths whose compiled layers are warm
         self.failed: dict[int, str] = {}  # bucket length -> why its compilation failed
-        self._thread_state = threading.local()
-        # Every bucket length and layer kind is one cache entry of `_call_layer`: the default limit (8)
-        # would send the rest to eager silently.
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
-        for index, layer in enumerate(self.layers):
-            # A model compiled before (another compile mode) is re-wrapped: the last compiler owns it.
-            inner = layer.layer if isinstance(layer, _RegionalLayer) else layer
-            self.layers[index] = _RegionalLayer(inner, self)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Run the compiled layers for forwards on this thread (compiling a new length on first use)."""
-        previous = getattr(self._thread_state, "active", False)
-        self._thread_state.active = True
-        try:
-            yield
-        finally:
-            self._thread_state.active = previous
+        """Run this compiler's layers for forwards on this thread (compiling a new length on first use)."""
+        import torch._dynamo.config as dynamo_config
 
-    def is_active(self) -> bool:
-        return bool(getattr(self._thread_state, "active", False))
+        previous = getattr(_active, "compiler", None)
+        _active.compiler = self
+        try:
+            with dynamo_config.patch(**_RECOMPILE_LIMITS):
+                yield
+        finally:
+            _active.compiler = previous
 
     def state(self, length: int) -> str:
         """ "ready", "failed" or "compiling" (not ready yet)."""
         if length in self.ready:
             return "ready"
         return "failed" if length in self.failed else "compiling"
+
+
+def use_compile_cache(folder: str | Path) -> Path:
+    """Keep inductor's and Triton's compiled kernels in `folder` (created), so a restart loads instead of
+    compiling. Triton's cache lives under inductor's unless TRITON_CACHE_DIR says otherwise."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
 
 
 def graphs_compiled() -> int:
