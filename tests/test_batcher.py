@@ -83,7 +83,7 @@ def test_batcher_returns_one_vector_per_row_in_order(tiny_engine) -> None:
 
 
 def test_concurrent_requests_share_forward_passes(held) -> None:
-    rows = token_rows(held, [f"protein {i}" for i in range(8)])
+    rows = token_rows(held.engine, [f"protein {i}" for i in range(8)])
 
     async def run() -> None:
         batcher = Batcher(held.engine, max_batch_tokens=4096, max_queue_tokens=10_000, max_wait_s=0.05)
@@ -99,7 +99,7 @@ def test_concurrent_requests_share_forward_passes(held) -> None:
 
 
 def test_full_queue_rejects_unary_and_makes_streams_wait(held) -> None:
-    rows = token_rows(held, ["protein gene cell cancer tumor"] * 2)  # ~12 tokens each
+    rows = token_rows(held.engine, ["protein gene cell cancer tumor"] * 2)  # ~12 tokens each
 
     async def run() -> None:
         batcher = Batcher(held.engine, max_batch_tokens=4096, max_queue_tokens=len(rows[0]) + 1, max_wait_s=0)
@@ -198,7 +198,7 @@ def test_a_caller_that_gives_up_leaves_the_queue_without_a_forward_pass(held, in
         )
         held.gate.set()
         assert len(blocker.result(timeout=30).embeddings) == 1
-        abandoned_row = token_rows(held, ["zebrafish neuron survival"])[0]
+        abandoned_row = token_rows(held.engine, ["zebrafish neuron survival"])[0]
         assert all(abandoned_row not in batch for batch in held.batches)  # no forward pass ever saw it
         assert batcher.queued_tokens == 0
     with Client(server.address) as client:

@@ -451,7 +451,7 @@ def test_cls_pooling_and_dense_bias_and_activation_match_independent_oracles(
     from sentence_transformers import SentenceTransformer
 
     engine = EmbeddingEngine.load(str(cls_tanh_model_dir))
-    assert engine.pooling == "cls"
+    assert engine.model.pooling == "cls"
     texts = ["protein", " ".join(WORDS[:30]), "tumor cell immune response", " ".join(reversed(WORDS[:12]))]
     card = ModelCard(cls_tanh_model_dir, max_length=128)
     expected = np.stack([card.embed(t) for t in texts])
