@@ -24,9 +24,10 @@ SQLite stays the one source of truth; this index is derived from it and catches 
     every id is enqueued again and replayed, a chunk per tantivy commit, with progress logged;
     interrupted, the next open resumes from the last trimmed chunk.
   - Group commit: a writer returns once `catch_up(its last outbox entry)` has made its passages
-    searchable. One writer at a time leads a round that applies everything in the outbox; those
-    arriving meanwhile wait, and the next round serves them all with one tantivy commit. (Through
-    the gRPC door there is one writer thread, so each upsert request leads its own round.)
+    searchable. One writer at a time leads a round, which applies what the outbox held when it
+    began; writers that commit meanwhile wait, and the next round serves them all with one tantivy
+    commit. (The gRPC door commits one request at a time and waits for it to be searchable before
+    committing the next, so there each request leads its own round.)
 
 What a reader sees between a write's SQLite commit and the end of its catch-up: tantivy's last
 commit, each hit read back through its SQLite row. A deleted passage or a replaced version no
