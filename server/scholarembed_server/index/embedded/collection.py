@@ -136,8 +136,9 @@ class Collection:
         self._active_readers = 0
         self._idle_connections: list[sqlite3.Connection] = []
         self._closed = False
+        rows = int(meta["vector_rows"])
         try:
-            rows = self._check_and_repair(int(meta["vector_rows"]))
+            self._check_and_repair(rows)
         except CorruptCollectionError:
             self._db.close()
             raise
@@ -155,7 +156,7 @@ class Collection:
 
     # -- opening -----------------------------------------------------------------------------------
 
-    def _check_and_repair(self, rows: int) -> int:
+    def _check_and_repair(self, rows: int) -> None:
         size = self.vectors_path.stat().st_size if self.vectors_path.exists() else 0
         committed = rows * self.row_bytes
         if size < committed:
@@ -176,7 +177,6 @@ class Collection:
             raise CorruptCollectionError(
                 f"collection {self.name!r}: passage row {max_row} has no vector (only {rows} committed)"
             )
-        return rows
 
     def _migrate_lexical(self) -> None:
         """A collection written before tantivy gets an outbox, and loses its FTS5 index, in one transaction."""
