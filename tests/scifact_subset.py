@@ -74,7 +74,7 @@ def lexical_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[st
     stemmer = Stemmer.Stemmer("english")
 
     def tokenize(texts: list[str]) -> list[list[str]]:
-        return bm25s.tokenize(  # type: ignore[no-any-return]
+        return bm25s.tokenize(
             texts, token_pattern=r"(?u)\b\w+\b", stopwords=None, stemmer=stemmer, return_ids=False, show_progress=False
         )
 

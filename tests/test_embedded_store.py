@@ -102,7 +102,7 @@ def test_a_search_during_a_held_index_build_is_exact_and_completes(
     def held_build(self: VectorIndexes, *args: object, **kwargs: object) -> object:
         building.set()
         assert release.wait(WAIT_S)
-        return extend(self, *args, **kwargs)  # type: ignore[arg-type]
+        return extend(self, *args, **kwargs)
 
     monkeypatch.setattr(VectorIndexes, "_extended", held_build)
     queries = unit_vectors(4, seed=3)
