@@ -9,8 +9,9 @@ one per search mode, sharing no code with the server:
              title + " " + text, as MTEB does; normalised), exact cosine top-100 with numpy;
     lexical  bm25s, a BM25 that is not the server's (its own tokenizer, PyStemmer's Snowball English
              stemmer, its own sparse scoring), over title + "\n" + text; Lucene's BM25 with k1 = 1.2,
-             b = 0.75 (what tantivy and Lucene use); each query's distinct words, every document
-             scoring above 0 ranked by score then id, top 100;
+             b = 0.75 (what tantivy and Lucene use); each query's distinct words less bm25s's English
+             stopwords (unless nothing else is left), every document scoring above 0 ranked by score
+             then id, top 100;
     hybrid   reciprocal-rank fusion of those two top-100 lists, k = 60, ties to the smaller id;
 metrics from pytrec_eval.
 """
@@ -73,16 +74,18 @@ def lexical_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[st
 
     stemmer = Stemmer.Stemmer("english")
 
-    def tokenize(texts: list[str]) -> list[list[str]]:
+    def tokenize(texts: list[str], stopwords: str | None = None) -> list[list[str]]:
+        words = r"(?u)\b\w+\b"
         return bm25s.tokenize(
-            texts, token_pattern=r"(?u)\b\w+\b", stopwords=None, stemmer=stemmer, return_ids=False, show_progress=False
+            texts, token_pattern=words, stopwords=stopwords, stemmer=stemmer, return_ids=False, show_progress=False
         )
 
     retriever = bm25s.BM25(k1=1.2, b=0.75, method="lucene")
     retriever.index(tokenize([d["title"] + "\n" + d["text"] for d in documents]), show_progress=False)
     run = {}
-    for query, words in zip(queries, tokenize([q["text"] for q in queries]), strict=True):
-        terms = [word for word in dict.fromkeys(words) if word in retriever.vocab_dict]
+    texts = [q["text"] for q in queries]
+    for query, content, words in zip(queries, tokenize(texts, "en"), tokenize(texts), strict=True):
+        terms = [word for word in dict.fromkeys(content or words) if word in retriever.vocab_dict]
         scores = retriever.get_scores(terms) if terms else np.zeros(len(documents))
         best = sorted(np.flatnonzero(scores > 0), key=lambda j: (-scores[j], documents[j]["_id"]))[:100]
         run[query["_id"]] = {documents[j]["_id"]: float(scores[j]) for j in best}

@@ -290,3 +290,14 @@ def test_a_held_lexical_commit_blocks_no_reader_and_no_writer_and_is_group_commi
     assert len(rounds) == 2  # the held round, then one tantivy commit for both writers that waited
     assert found(store, "c", [word(10), word(3), word(4), "replacement"]) == [["p10"], ["p3"], [], ["p3"]]
     store.close()
+
+
+def test_stopwords_are_left_out_of_a_query_unless_it_has_nothing_else(tmp_path: Path) -> None:
+    store = EmbeddedIndex(tmp_path)
+    store.create_collection(
+        "c", dimensions=DIMENSIONS, model="m", index_kind=IndexKind.FLAT, vector_storage=VectorStorage.FLOAT32
+    )
+    texts = ["the of and the of and to be", "a membrane", "The Membranes of the cell"]
+    store.upsert("c", [StoredPassage(f"p{i}", "", text) for i, text in enumerate(texts)], unit_vectors(3, seed=2))
+    assert found(store, "c", ["the membrane", "THE OF", "cells"]) == [["p1", "p2"], ["p2", "p0"], ["p2"]]
+    store.close()

@@ -7,12 +7,13 @@ pytrec_eval) and frozen here. The full test split (`make eval`) must reproduce M
 0.64508 / 0.78333 / 0.92500 in dense mode.
 
 Dense is compared at 5e-4: the same model and exact search on both sides. Lexical and hybrid allow for
-two BM25s tokenising and stemming differently. Measured on the full test split (300 queries), bm25s
-and the server's tantivy agree on recall@100 for every query and on recall@10 for all but one; nDCG@10
-differs on 11 queries, by 0.031 at the median and 0.369 at most (means 0.68697 and 0.68670). On this
-subset they agree exactly. The tolerance is one query's worth of that disagreement: nDCG@10 within
-0.0075 (0.369 over 50 queries), recall within 0.02 (one relevant abstract of one query). Not indexing
-titles moves nDCG@10 by 0.006 here and recall more; scoring with another k1 (1.5) moves it by 0.010.
+two BM25s that tokenise and score differently (tantivy keeps document lengths in 256 lossy buckets, as
+Lucene does, bm25s exactly, which reorders near ties). Measured on the full test split (300 queries),
+they differ on 9 queries in nDCG@10 (by 0.031 at the median, 0.301 at most), on 2 in recall@10 and on 1
+in recall@100; on this subset, on one query, in nDCG@10 by 0.369, which moves the mean by 0.0074. The
+tolerance is 0.01 on nDCG@10 (one query differing by half its range, or several by the median
+amount) and 0.02 on recall (one relevant abstract crossing a cut-off in one query: recall moves in
+steps of 1/50 here).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from scifact_subset import SCIFACT, write_subset
 
 FROZEN = {  # 50 queries, 1,041 abstracts
     "dense": {"ndcg@10": 0.8464790300758546, "recall@10": 0.92, "recall@100": 1.0},
-    "lexical": {"ndcg@10": 0.8696701326443249, "recall@10": 0.9309999999999999, "recall@100": 0.98},
-    "hybrid": {"ndcg@10": 0.9113067789318666, "recall@10": 0.98, "recall@100": 1.0},
+    "lexical": {"ndcg@10": 0.8618458732854726, "recall@10": 0.9359999999999999, "recall@100": 0.98},
+    "hybrid": {"ndcg@10": 0.9114046936767535, "recall@10": 0.98, "recall@100": 1.0},
 }
 TOLERANCE = {
     "dense": {"ndcg@10": 5e-4, "recall@10": 5e-4, "recall@100": 5e-4},
-    "lexical": {"ndcg@10": 0.0075, "recall@10": 0.02, "recall@100": 0.02},
-    "hybrid": {"ndcg@10": 0.0075, "recall@10": 0.02, "recall@100": 0.02},
+    "lexical": {"ndcg@10": 0.01, "recall@10": 0.02, "recall@100": 0.02},
+    "hybrid": {"ndcg@10": 0.01, "recall@10": 0.02, "recall@100": 0.02},
 }
 
 

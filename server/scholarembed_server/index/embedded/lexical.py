@@ -8,8 +8,11 @@ One tantivy index per collection, in <collection>/lexical/, with one document pe
           only, since BM25 needs no positions. One field for both, as SciFact prefers it (nDCG@10
           0.687 against 0.666 for title and text as two fields).
 A query is split into terms by the very analyzer object that indexes passages, and searched as the
-disjunction of those terms, ranked by BM25; tantivy's block-max WAND skips most documents that
-cannot reach the top k. Query text is never parsed, so no text is syntax or an error.
+disjunction of its distinct terms, ranked by BM25 (k1 = 1.2, b = 0.75); tantivy's block-max WAND
+skips most documents that cannot reach the top k. English stopwords (Lucene's 33) are left out of a
+query that has other words, as Lucene's English analyzer does (passages keep them, so a query of
+stopwords alone still finds them): on SciFact that takes lexical nDCG@10 from 0.6867 to 0.6890 and
+hybrid from 0.7144 to 0.7160. Query text is never parsed, so no text is syntax or an error.
 
 SQLite stays the one source of truth; this index is derived from it and catches up from it:
   - Every write transaction of the collection appends the ids it touches to lexical_outbox
@@ -78,15 +81,17 @@ def _last_seq(db: sqlite3.Connection) -> int:
     return int(last or 0)
 
 
-def _analyzer() -> tantivy.TextAnalyzer:
-    return (
+def _analyzer(*, without_stopwords: bool = False) -> tantivy.TextAnalyzer:
+    """ANALYZER; `without_stopwords`: the same terms, less those of English stopwords (for queries)."""
+    builder = (
         tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
         .filter(tantivy.Filter.remove_long(40))
         .filter(tantivy.Filter.lowercase())
         .filter(tantivy.Filter.ascii_fold())
-        .filter(tantivy.Filter.stemmer("english"))
-        .build()
     )
+    if without_stopwords:
+        builder = builder.filter(tantivy.Filter.stopword("english"))
+    return builder.filter(tantivy.Filter.stemmer("english")).build()
 
 
 def _schema() -> tantivy.Schema:
@@ -110,6 +115,7 @@ class LexicalIndex:
         self._db = connection
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._analyzer = _analyzer()
+        self._query_analyzer = _analyzer(without_stopwords=True)
         self._index, self._writer = self._open()
         self._schema = self._index.schema
         self._applied = 0  # outbox entries up to this seq are searchable
@@ -237,7 +243,7 @@ class LexicalIndex:
             )
         results = []
         for text in queries:
-            terms = dict.fromkeys(self._analyzer.analyze(text))
+            terms = dict.fromkeys(self._query_analyzer.analyze(text) or self._analyzer.analyze(text))
             if not terms:
                 results.append([])
                 continue
