@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,7 +150,7 @@ def test_a_torn_saved_index_is_rebuilt_from_the_vectors(
     assert vectors.faiss.read_index(str(saved)).ntotal == 400  # saved whole again
 
 
-@pytest.mark.parametrize("damage", ["meta.json", "segments", "folder"])
+@pytest.mark.parametrize("damage", ["meta.json", "segments", "folder", "out of step"])
 def test_a_torn_lexical_index_is_rebuilt_from_sqlite(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
@@ -157,18 +158,25 @@ def test_a_torn_lexical_index_is_rebuilt_from_sqlite(
     store.delete("c", ["p5"])
     store.close()
     folder = tmp_path / "c" / "lexical"
+    gone = {5}
     if damage == "meta.json":
         (folder / "meta.json").write_text("{torn")
     elif damage == "segments":
         for segment_file in folder.glob("*.idx"):
             segment_file.unlink()
-    else:
+    elif damage == "folder":
         shutil.rmtree(folder)
+    else:  # SQLite restored from an older backup, say: one passage fewer than the index holds
+        db = sqlite3.connect(tmp_path / "c" / "collection.sqlite")
+        db.execute("DELETE FROM passages WHERE id = 'p7'")
+        db.commit()
+        db.close()
+        gone.add(7)
     with caplog.at_level(logging.WARNING, logger="scholarembed_server.index.embedded"):
         store = EmbeddedIndex(tmp_path)
     assert "rebuilding it" in caplog.text
     words = [f"zqx{i:05d}" for i in range(120)]
-    assert ids(store.lexical_search("c", words, 2)) == [[] if i == 5 else [f"p{i}"] for i in range(120)]
+    assert ids(store.lexical_search("c", words, 2)) == [[] if i in gone else [f"p{i}"] for i in range(120)]
     store.close()
 
 
