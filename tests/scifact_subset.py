@@ -7,9 +7,11 @@ Reference (run `python tests/scifact_subset.py` to recompute the frozen values i
 one per search mode, sharing no code with the server:
     dense    sentence-transformers' own SentenceTransformer.encode of all-MiniLM-L6-v2 (documents as
              title + " " + text, as MTEB does; normalised), exact cosine top-100 with numpy;
-    lexical  its own SQLite FTS5 table of (title, text), tokenize 'porter unicode61 remove_diacritics 2',
-             each query's distinct words (runs of letters and digits) quoted and OR'ed, every match
-             ranked by bm25() then id, top 100;
+    lexical  bm25s, a BM25 that is not the server's (its own tokenizer, PyStemmer's Snowball English
+             stemmer, its own sparse scoring), over title + "\n" + text; Lucene's BM25 with k1 = 1.2,
+             b = 0.75 (what tantivy and Lucene use); each query's distinct words less bm25s's English
+             stopwords (unless nothing else is left), every document scoring above 0 ranked by score
+             then id, top 100;
     hybrid   reciprocal-rank fusion of those two top-100 lists, k = 60, ties to the smaller id;
 metrics from pytrec_eval.
 """
@@ -66,22 +68,27 @@ def dense_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[str,
 
 
 def lexical_run(documents: list[dict], queries: list[dict]) -> dict[str, dict[str, float]]:
-    import sqlite3
+    import bm25s
+    import numpy as np
+    import Stemmer
 
-    db = sqlite3.connect(":memory:")
-    db.execute("CREATE VIRTUAL TABLE docs USING fts5(title, text, tokenize='porter unicode61 remove_diacritics 2')")
-    db.executemany("INSERT INTO docs VALUES (?, ?)", [(d["title"], d["text"]) for d in documents])
+    stemmer = Stemmer.Stemmer("english")
+
+    def tokenize(texts: list[str], stopwords: str | None = None) -> list[list[str]]:
+        words = r"(?u)\b\w+\b"
+        return bm25s.tokenize(
+            texts, token_pattern=words, stopwords=stopwords, stemmer=stemmer, return_ids=False, show_progress=False
+        )
+
+    retriever = bm25s.BM25(k1=1.2, b=0.75, method="lucene")
+    retriever.index(tokenize([d["title"] + "\n" + d["text"] for d in documents]), show_progress=False)
     run = {}
-    for query in queries:
-        words = dict.fromkeys("".join(c if c.isalnum() else " " for c in query["text"]).split())
-        matches = [
-            (documents[rowid - 1]["_id"], bm25)  # rowids count from 1 in insertion order
-            for rowid, bm25 in db.execute(
-                "SELECT rowid, bm25(docs) FROM docs WHERE docs MATCH ?", [" OR ".join(f'"{w}"' for w in words)]
-            )
-        ]
-        best = sorted(matches, key=lambda match: (match[1], match[0]))[:100]  # bm25(): lower is better
-        run[query["_id"]] = {id_: -bm25 for id_, bm25 in best}
+    texts = [q["text"] for q in queries]
+    for query, content, words in zip(queries, tokenize(texts, "en"), tokenize(texts), strict=True):
+        terms = [word for word in dict.fromkeys(content or words) if word in retriever.vocab_dict]
+        scores = retriever.get_scores(terms) if terms else np.zeros(len(documents))
+        best = sorted(np.flatnonzero(scores > 0), key=lambda j: (-scores[j], documents[j]["_id"]))[:100]
+        run[query["_id"]] = {documents[j]["_id"]: float(scores[j]) for j in best}
     return run
 
 

@@ -8,7 +8,6 @@ digits, signs, ".", "e" and Python's float() reads it as a finite number.
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,24 +128,6 @@ def test_the_lexical_index_survives_a_reopen(kind: str, tmp_path: Path) -> None:
         store.close()
 
 
-def test_an_embedded_collection_from_before_lexical_search_is_indexed_on_open(tmp_path: Path) -> None:
-    store = EmbeddedIndex(tmp_path)
-    create(store, "old")
-    store.upsert("old", [StoredPassage(f"p{i}", "", f"word{i} common") for i in range(50)], unit_vectors(50, 4))
-    store.close()
-    db = sqlite3.connect(tmp_path / "old" / "collection.sqlite")  # as the store wrote it before this change
-    db.executescript("DROP TRIGGER passages_fts_insert; DROP TRIGGER passages_fts_delete; DROP TABLE passages_fts;")
-    db.close()
-    store = EmbeddedIndex(tmp_path)
-    try:
-        assert [h.id for h in store.lexical_search("old", ["word7"], 5)[0]] == ["p7"]
-        assert len(store.lexical_search("old", ["common"], 100)[0]) == 50
-        store.upsert("old", [StoredPassage("new", "", "word7 again")], unit_vectors(1, 5))  # and it stays in step
-        assert {h.id for h in store.lexical_search("old", ["word7"], 5)[0]} == {"p7", "new"}
-    finally:
-        store.close()
-
-
 def test_a_milvus_collection_from_before_lexical_search_refuses_lexical_modes_clearly(tmp_path: Path) -> None:
     """Made as the store made collections before this change; Milvus cannot add the BM25 function later."""
     path = str(tmp_path / "milvus.db")
@@ -227,7 +208,7 @@ def test_filters_match_the_brute_force_oracle_in_every_mode(filtered, conditions
     assert {h.id for h in lexical} == expected
 
 
-# -- text that FTS5 reads as syntax ------------------------------------------------------------------------
+# -- text that a query parser (FTS5, tantivy, Milvus) reads as syntax ----------------------------------
 
 syntax_text = st.lists(st.sampled_from(SYNTAX) | st.text(max_size=6), min_size=1, max_size=10).map(" ".join)
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from scholarembed_server.errors import InvalidArgumentError
-from scholarembed_server.index import embedded
 from scholarembed_server.index.base import (
     CollectionNotFoundError,
     CorruptCollectionError,
@@ -27,6 +26,8 @@ from scholarembed_server.index.base import (
     VectorStorage,
 )
 from scholarembed_server.index.embedded import EmbeddedIndex
+from scholarembed_server.index.embedded import collection as embedded_collection
+from scholarembed_server.index.embedded import vectors as embedded_vectors
 from scholarembed_server.index.milvus import MilvusIndex, MilvusUnavailableError
 
 FULL = 64
@@ -375,7 +376,7 @@ def failing_fsync(descriptor: int) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def failing_commit(self: object, start: int, batch: list[StoredPassage]) -> list[int]:
+def failing_commit(self: object, start: int, batch: list[StoredPassage]) -> tuple[list[int], int]:
     raise sqlite3.OperationalError("database or disk is full")
 
 
@@ -388,9 +389,9 @@ def test_a_failed_write_changes_nothing_and_the_collection_stays_writable(
     size = vectors_bin.stat().st_size
     with monkeypatch.context() as patch:
         if failure == "vectors-file":
-            patch.setattr(embedded.os, "fsync", failing_fsync)
+            patch.setattr(embedded_collection.os, "fsync", failing_fsync)
         else:
-            patch.setattr(embedded._Collection, "_commit_rows", failing_commit)
+            patch.setattr(embedded_collection.Collection, "_commit_rows", failing_commit)
         with pytest.raises(StorageError):
             store.upsert("papers", passages(5, start=18, text="lost"), unit_vectors(5, seed=24))
 
@@ -424,6 +425,7 @@ def test_approximate_indexes_recall_at_least_0_9(
     store = EmbeddedIndex(tmp_path)
     create(store, kind=kind)
     store.upsert("papers", passages(len(vectors)), vectors)
+    store.wait_until_indexed("papers", [FULL, 16])  # searches are exact until then
     for dimensions in (FULL, 16):
         query_prefixes = prefix_normalised(queries, dimensions)
         results = store.search("papers", query_prefixes, 10)
@@ -433,7 +435,7 @@ def test_approximate_indexes_recall_at_least_0_9(
         )
         assert found / (10 * len(queries)) >= 0.9, (kind, dimensions)
     if kind is IndexKind.IVF:
-        assert isinstance(store._collections["papers"]._indexes[FULL].index, embedded.faiss.IndexIVFFlat)
+        assert isinstance(store._collections["papers"].vectors._ready[FULL].index, embedded_vectors.faiss.IndexIVFFlat)
     store.close()
 
 
@@ -442,7 +444,7 @@ def test_approximate_indexes_recall_at_least_0_9(
     [
         (IndexKind.HNSW, 300, "cpu"),
         (IndexKind.HNSW, 300, "cuda:0"),  # HNSW and IVF run on the CPU even on a GPU server
-        (IndexKind.IVF, embedded.IVF_MIN_TRAINING_ROWS + 100, "cpu"),  # enough rows to train real IVF lists
+        (IndexKind.IVF, embedded_vectors.IVF_MIN_TRAINING_ROWS + 100, "cpu"),  # enough rows to train real IVF lists
     ],
 )
 def test_a_saved_approximate_index_is_reused_on_reopen(
@@ -452,20 +454,22 @@ def test_a_saved_approximate_index_is_reused_on_reopen(
     create(store, kind=kind)
     vectors = clustered_unit_vectors(rows, seed=20)
     store.upsert("papers", passages(rows), vectors)
+    store.wait_until_indexed("papers", [FULL])
     before = store.search("papers", vectors[:3], 5)
     store.close()
     saved = tmp_path / "papers" / f"{kind.value}-{FULL}.faiss"
     assert saved.exists()
-    if kind is IndexKind.IVF:
-        assert isinstance(embedded.faiss.read_index(str(saved)), embedded.faiss.IndexIVFFlat)  # trained, not flat
+    faiss = embedded_vectors.faiss
+    assert isinstance(faiss.read_index(str(saved)), faiss.IndexHNSW if kind is IndexKind.HNSW else faiss.IndexIVFFlat)
 
     store = EmbeddedIndex(tmp_path, search_device=search_device)
 
-    def no_new_index(self: object, dimensions: int) -> None:
+    def no_new_index(self: object, dimensions: int, stored: np.ndarray) -> None:
         raise AssertionError("the saved index should have been loaded")
 
-    monkeypatch.setattr(embedded._Collection, "_new_index", no_new_index)
+    monkeypatch.setattr(embedded_vectors.VectorIndexes, "_new_approximate", no_new_index)
     store.upsert("papers", passages(1, start=rows), unit_vectors(1, seed=31))
+    store.wait_until_indexed("papers", [FULL])  # raises if the builder tried to build a new one
     after = store.search("papers", vectors[:3], 5)
     assert [[h.id for h in hits] for hits in after] == [[h.id for h in hits] for hits in before]
     assert store.search("papers", unit_vectors(1, seed=31), 1)[0][0].id == f"p{rows}"
@@ -473,13 +477,18 @@ def test_a_saved_approximate_index_is_reused_on_reopen(
 
 
 @pytest.mark.parametrize("kind", [IndexKind.FLAT, IndexKind.HNSW, IndexKind.IVF])
-def test_dead_rows_never_show_up(tmp_path: Path, clustered: tuple[np.ndarray, np.ndarray], kind: IndexKind) -> None:
+def test_dead_rows_never_show_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clustered: tuple[np.ndarray, np.ndarray], kind: IndexKind
+) -> None:
+    """Searched by the index, by an index extended since (a copy, for HNSW and IVF), by the index and an
+    exact scan of the rows it lacks, and exactly after a reopen, until the index is loaded again."""
+    monkeypatch.setattr(embedded_vectors, "ANN_TAIL_ROWS", 30)
     vectors, _ = clustered
     count = 4200 if kind is IndexKind.IVF else 600
     store = EmbeddedIndex(tmp_path)
     create(store, kind=kind)
     store.upsert("papers", passages(count), vectors[:count])
-    store.search("papers", vectors[:1], 1)  # builds the index, so the writes below go through it
+    store.wait_until_indexed("papers", [FULL])
     current = {f"p{i}": vectors[i] for i in range(count)}
     store.upsert("papers", passages(40, text="new"), vectors[count : count + 40])
     current.update((f"p{i}", vectors[count + i]) for i in range(40))
@@ -487,11 +496,17 @@ def test_dead_rows_never_show_up(tmp_path: Path, clustered: tuple[np.ndarray, np
     assert store.delete("papers", deleted) == 40
     for id_ in deleted:
         del current[id_]
+    store.wait_until_indexed("papers", [FULL])
+    assert store._collections["papers"].vectors._ready[FULL].rows == count + 40
+    store.upsert("papers", passages(10, start=count), vectors[count + 40 : count + 50])  # below ANN_TAIL_ROWS
+    current.update((f"p{count + i}", vectors[count + 40 + i]) for i in range(10))
     queries = vectors[:80]  # the dead rows' own vectors: they would be the best hits
-    for reopen in (False, True):
-        if reopen:
+    for state in ("in memory", "reopened", "index loaded again"):
+        if state == "reopened":
             store.close()
             store = EmbeddedIndex(tmp_path)
+        elif state == "index loaded again":
+            store.wait_until_indexed("papers", [FULL])
         for filter_ in (None, {"parity": "even"}):
             for query, hits in zip(queries, store.search("papers", queries, 20, metadata_filter=filter_), strict=True):
                 assert len(hits) == 20 and len({hit.id for hit in hits}) == 20
