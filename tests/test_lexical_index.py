@@ -292,6 +292,47 @@ def test_a_held_lexical_commit_blocks_no_reader_and_no_writer_and_is_group_commi
     store.close()
 
 
+def test_requests_of_one_stream_commit_while_the_lexical_index_catches_up_and_share_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process_server
+) -> None:
+    """Over gRPC an upsert is acknowledged once it is searchable every way, but the next request of the
+    stream commits while the lexical index catches up: the requests waiting behind a held tantivy commit
+    are all made searchable by one more, instead of one commit each."""
+    import grpc
+
+    from scholarembed.v1 import search_pb2 as spb
+    from scholarembed.v1 import search_pb2_grpc as spb_grpc
+
+    held, release = threading.Event(), threading.Event()
+    rounds: list[int] = []
+
+    def hold() -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            held.set()
+            assert release.wait(WAIT_S)
+
+    monkeypatch.setattr(lexical, "before_commit", hold)
+    server = in_process_server(data_dir=str(tmp_path / "data"), stream_window=8)
+    requests = [
+        spb.UpsertPassagesRequest(
+            request_id=str(n), collection="c", passages=[spb.Passage(id=f"p{n}", text=f"proteins {word(n)}")]
+        )
+        for n in range(6)
+    ]
+    with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(lambda: list(spb_grpc.SearchServiceStub(channel).UpsertPassages(iter(requests))))
+        assert held.wait(WAIT_S)  # the first request's catch-up, held before tantivy's commit
+        index = server.server.index
+        wait_for(lambda: index.get_collection("c").passage_count == 6, message="the later requests did not commit")
+        assert not stream.done()  # nothing is acknowledged before it is searchable
+        release.set()
+        responses = stream.result(WAIT_S)
+    assert [(r.request_id, r.upserted) for r in responses] == [(str(n), 1) for n in range(6)]
+    assert len(rounds) == 2  # the held round, then one tantivy commit for the five that waited
+    assert found(index, "c", [word(n) for n in range(6)]) == [[f"p{n}"] for n in range(6)]
+
+
 def test_stopwords_are_left_out_of_a_query_unless_it_has_nothing_else(tmp_path: Path) -> None:
     store = EmbeddedIndex(tmp_path)
     store.create_collection(

@@ -10,7 +10,10 @@ validated here into `index.base` conditions, which each store applies to every m
 
 Index calls block (disk, SQLite, FAISS), so they run in worker threads: one writer, since commits are
 serialised anyway, and readers that never wait behind a commit. Upserts of one stream are embedded
-concurrently but committed in request order (`my_turn`), so a later request's version of an id wins.
+concurrently but committed in request order (`my_turn`), so a later request's version of an id wins. A
+commit makes a write durable; the write is acknowledged once every search mode finds it too, which for
+the embedded store means its lexical index has caught up. That wait happens off the write thread, so the
+next request commits meanwhile and one catch-up (one tantivy commit) serves them all.
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ class Searcher:
         self._config = config
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="index-write")
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="index-read")
+        # Writes waiting to become searchable (a lexical catch-up): one of them leads each catch-up, the
+        # others wait for it; a write waits here, never in a thread that searches or writes.
+        self._searchable_threads = ThreadPoolExecutor(8, thread_name_prefix="index-catch-up")
 
     async def _read(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._read_threads, lambda: function(*args))
@@ -178,9 +184,16 @@ class Searcher:
     async def _write(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._write_thread, lambda: function(*args))
 
-    async def upsert(self, request: pb.UpsertPassagesRequest, my_turn: Awaitable[None] | None = None) -> int:
-        """Embed and commit one request's passages; returns how many were upserted once committed.
-        `my_turn`, if given, completes when the previous request of the same stream has committed."""
+    async def upsert(
+        self,
+        request: pb.UpsertPassagesRequest,
+        my_turn: Awaitable[None] | None = None,
+        on_committed: Callable[[], None] | None = None,
+    ) -> int:
+        """Embed and commit one request's passages; returns how many were upserted once they are durable and
+        found by every search mode. `my_turn`, if given, completes when the previous request of the same
+        stream has committed; `on_committed` is called once this one has, before it is searchable every way,
+        so the next request can commit while this one's lexical index catches up (several at once)."""
         name = check_collection_name(request.collection)
         passages = validate_passages(request.passages, self._config.max_texts_per_request)
         if request.options.index_kind not in (0, *_INDEX_KINDS):
@@ -203,7 +216,12 @@ class Searcher:
             )
         )
         self._check_compatible(info)
-        return await self._write(self.index.upsert, name, passages, vectors)
+        committed = await self._write(self.index.commit_upsert, name, passages, vectors)
+        if on_committed is not None:
+            on_committed()
+        # Not in the write thread: the next request commits meanwhile, and one catch-up serves both.
+        await asyncio.get_running_loop().run_in_executor(self._searchable_threads, committed.wait_searchable)
+        return committed.count
 
     def _check_compatible(self, info: CollectionInfo) -> None:
         if info.dimensions != self._engine.dimensions or info.model != self._engine.model_id:
@@ -324,4 +342,4 @@ class Searcher:
 
     async def close(self) -> None:
         """Wait for the index calls in progress (a commit under way finishes) without blocking the event loop."""
-        await asyncio.gather(shut_down(self._write_thread), shut_down(self._read_threads))
+        await asyncio.gather(*map(shut_down, (self._write_thread, self._read_threads, self._searchable_threads)))

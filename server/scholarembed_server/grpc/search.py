@@ -27,9 +27,10 @@ class CommitLine:
     has committed or failed, whatever order their embeddings finish in, so a later version of an id wins.
 
     A request joins the line when it is read (`join`: its turn, and the future it completes when done)
-    and leaves it when answered (`leave`). One that fails before its turn (bad input, a failed embedding)
-    passes its turn on only once its turn has come, so the request after it cannot overtake the one
-    before it.
+    and leaves it (`leave`) as soon as its write is durable, before its lexical index has caught up, so
+    the requests behind it commit meanwhile and one catch-up makes them all searchable; or when answered,
+    if it failed. One that fails before its turn (bad input, a failed embedding) passes its turn on only
+    once its turn has come, so the request after it cannot overtake the one before it.
     """
 
     def __init__(self) -> None:
@@ -41,10 +42,13 @@ class CommitLine:
 
     @staticmethod
     def leave(my_turn: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        """Pass the turn on: once committed, or once failed (which may happen after it committed)."""
+        if done.done():
+            return
         if my_turn is None or my_turn.done():
             done.set_result(None)
         else:
-            my_turn.add_done_callback(lambda _: done.set_result(None))
+            my_turn.add_done_callback(lambda _: done.done() or done.set_result(None))
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
@@ -62,7 +66,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         async def answer(request: pb.UpsertPassagesRequest) -> pb.UpsertPassagesResponse:
             my_turn, done = line.join()
             try:
-                upsert = self._searcher.upsert(request, my_turn)
+                upsert = self._searcher.upsert(request, my_turn, on_committed=lambda: line.leave(my_turn, done))
                 return await in_band(pb.UpsertPassagesResponse, request.request_id, "upserted", upsert)
             finally:
                 line.leave(my_turn, done)

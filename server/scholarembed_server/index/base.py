@@ -11,7 +11,7 @@ import abc
 import enum
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -141,6 +141,14 @@ def matches(metadata: Mapping[str, str], conditions: Sequence[Condition]) -> boo
 
 
 @dataclass(frozen=True)
+class CommittedUpsert:
+    """A write that is durable, but may not be found by every kind of search until `wait_searchable()`."""
+
+    count: int
+    wait_searchable: Callable[[], None] = lambda: None  # blocks until every search mode finds the write
+
+
+@dataclass(frozen=True)
 class CollectionInfo:
     name: str
     passage_count: int
@@ -190,6 +198,14 @@ class VectorIndex(abc.ABC):
 
         All or nothing, and durable when it returns: the caller acknowledges only after this.
         """
+
+    def commit_upsert(self, name: str, passages: Sequence[StoredPassage], vectors: np.ndarray) -> CommittedUpsert:
+        """`upsert` in two steps, for a caller that orders its writes and acknowledges each: durable when this
+        returns, searchable every way once `wait_searchable()` returns. The next write may commit before
+        that, so a store whose secondary index catches up (the embedded store's lexical index) can make
+        several writes searchable with one commit. A store whose writes are searchable once durable
+        returns at once."""
+        return CommittedUpsert(self.upsert(name, passages, vectors))
 
     @abc.abstractmethod
     def delete(self, name: str, ids: Sequence[str]) -> int:

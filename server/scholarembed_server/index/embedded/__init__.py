@@ -30,6 +30,7 @@ from ...errors import ScholarEmbedError
 from ..base import (
     CollectionInfo,
     CollectionNotFoundError,
+    CommittedUpsert,
     CorruptCollectionError,
     Hit,
     IndexKind,
@@ -157,6 +158,9 @@ class EmbeddedIndex(VectorIndex):
 
     def upsert(self, name: str, passages: Sequence[StoredPassage], vectors: np.ndarray) -> int:
         return self._get(name).upsert(passages, vectors)
+
+    def commit_upsert(self, name: str, passages: Sequence[StoredPassage], vectors: np.ndarray) -> CommittedUpsert:
+        return self._get(name).commit_upsert(passages, vectors)
 
     def delete(self, name: str, ids: Sequence[str]) -> int:
         return self._get(name).delete(ids)

@@ -39,6 +39,7 @@ every store agrees with `base.matches`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from ..base import (
     AnyOf,
     CollectionInfo,
     CollectionNotFoundError,
+    CommittedUpsert,
     Condition,
     CorruptCollectionError,
     Equals,
@@ -214,6 +216,12 @@ class Collection:
     # -- writing -----------------------------------------------------------------------------------
 
     def upsert(self, passages: Sequence[StoredPassage], vectors: np.ndarray) -> int:
+        committed = self.commit_upsert(passages, vectors)
+        committed.wait_searchable()
+        return committed.count
+
+    def commit_upsert(self, passages: Sequence[StoredPassage], vectors: np.ndarray) -> CommittedUpsert:
+        """Steps 1 to 3: durable when this returns; step 4 is `wait_searchable()` of the result."""
         stored = np.ascontiguousarray(vectors, dtype=self.dtype)  # what a reopened store will read back
         with self._write_lock:
             self._check_open()
@@ -232,8 +240,7 @@ class Collection:
             live[replaced] = False
             self._snapshot = Snapshot(start + len(passages), live, before.passage_count + len(passages) - len(replaced))
             self.vectors.committed(start + len(passages))
-        self.lexical.catch_up(seq)
-        return len(passages)
+        return CommittedUpsert(len(passages), functools.partial(self.lexical.catch_up, seq))
 
     def _append_vectors(self, start: int, stored: np.ndarray) -> None:
         with self.vectors_path.open("r+b" if self.vectors_path.exists() else "wb") as file:
