@@ -21,6 +21,10 @@ class InvalidArgumentError(ScholarEmbedError):
         self.field = field
         self.description = description
 
+    def __reduce__(self) -> tuple[type[InvalidArgumentError], tuple[str, str]]:
+        # Picklable as itself (Ray carries an actor's error to the driver): rebuilt from field and description.
+        return type(self), (self.field, self.description)
+
 
 class QueueFullError(ScholarEmbedError):
     """The token-bounded queue cannot take a unary request now; the caller should retry later."""
