@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,10 @@ class ServerConfig:
         None, "also serve the HTTP door (OpenAI /v1/embeddings, /v1/search, /health) on this port (0: a free one)"
     )
     http_max_body_bytes: int = _opt(16 * 1024 * 1024, "largest HTTP request body; beyond, 413")
-    http_default_input_type: str = _opt(
-        "passage", "prompt of an HTTP embeddings request that names neither input_type nor a :query/:passage model"
+    http_default_input_type: str | None = _opt(
+        None,
+        "prompt (query, passage or raw) of an HTTP embeddings request that names neither input_type nor a "
+        ":query/:passage model; unset, such a request is refused (400), as on every other door",
     )
     log_format: str = _opt("text", "text or json (one JSON object per line, with request ids)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
@@ -118,9 +121,12 @@ class ServerConfig:
         return [int(part) for part in str(self.matryoshka_dims).split(",") if part.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServerConfig field; each flag's default comes from SCHOLAREMBED_<FIELD> if set."""
+def add_arguments(parser: argparse._ActionsContainer, only: Collection[str] | None = None) -> None:
+    """One flag per ServerConfig field (or per field in `only`); each flag's default comes from
+    SCHOLAREMBED_<FIELD> if set."""
     for config_field in dataclasses.fields(ServerConfig):
+        if only is not None and config_field.name not in only:
+            continue
         env_name = ENV_PREFIX + config_field.name.upper()
         default = os.environ.get(env_name, config_field.default)
         kind = _field_type(config_field)
