@@ -76,11 +76,21 @@ class HttpDoor:
         log.info("HTTP door on %s:%d (%s)", host, bound, "https" if self._config.tls_cert else "http")
         return bound
 
+    @property
+    def draining(self) -> bool:
+        return self._state.draining
+
+    @property
+    def calls_in_progress(self) -> int:
+        """Calls whose request has arrived (headers read) and whose response is not finished."""
+        return len(self._server.server_state.tasks)
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls (503), stop listening, let in-flight calls finish within `grace` seconds."""
         self._state.draining = True
         if self._task is None:
             return
+        log.info("HTTP door draining: %d calls in progress, %.1fs to finish", self.calls_in_progress, grace)
         self._server.config.timeout_graceful_shutdown = max(0.0, grace)  # type: ignore[assignment]
         self._server.should_exit = True
         await self._task
