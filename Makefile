@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 GEMMA3_TOKENIZER_VERSION := 3.7.2
 GEMMA3_TOKENIZER := .cache/gemma3-tokenizer/package/models/tokenizer.json
 
-.PHONY: help install protos protos-baseline check-protos lint test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
+.PHONY: help install protos protos-baseline check-protos lint test test-all conformance doors serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -86,6 +86,12 @@ test: install $(GEMMA3_TOKENIZER) check-protos lint ## set everything up and run
 
 test-all: install $(GEMMA3_TOKENIZER) ## every test, slow ones included (GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+conformance: install ## the conformance suite alone: every case through every door (gRPC, HTTP, Triton, clients, CLI, Ray)
+	$(PY) -m pytest tests/conformance $(PYTEST_ARGS)
+
+doors: $(VENV)/.installed ## regenerate docs/doors.md (which door supports what) from the conformance suite's declarations
+	$(PY) scripts/gen_doors_docs.py
 
 serve: install ## serve MODEL (default: the academic EmbeddingGemma) on 127.0.0.1:PORT
 	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT)
