@@ -45,12 +45,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scholarembed_server.corpus import read_file
 from scholarembed_server.random_model import (
     EMBEDDINGGEMMA_300M,
     build_random_embeddinggemma,
@@ -79,14 +81,8 @@ class Result:
 
 
 def load_passages(corpus: Path, limit: int) -> list[tuple[str, str]]:
-    passages = []
-    with corpus.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            passages.append((record.get("title", ""), record["text"]))
-            if limit and len(passages) == limit:
-                break
-    return passages
+    """(title, text) of the first `limit` records (all with 0), read by the server's one corpus reader."""
+    return [(record.title, record.text) for record in islice(read_file(corpus), limit or None)]
 
 
 def model_card_loop(engine, texts: list[str]) -> np.ndarray:

@@ -277,11 +277,10 @@ class FleetShardEncoder(_ShardEncoder):
         return list(self.threads.map(self._embed_with_retry, chunks))
 
     def _embed_with_retry(self, chunk: list[Record], attempts: int = 8) -> EmbedResult:
-        """A full queue (RESOURCE_EXHAUSTED with the server's retry delay) or an unavailable server is
-        retried with backoff; anything else, a text too large for the server's memory included, cannot
-        succeed on a retry and fails the shard at once."""
+        """What can succeed on a retry (`retryable`) is retried with backoff; anything else fails the shard
+        at once, naming the record when the server names a text."""
         from scholarembed import InvalidArgumentError as RefusedError
-        from scholarembed import ResourceExhaustedError, UnavailableError
+        from scholarembed import ScholarEmbedError as CallError
 
         request = self.settings.request(chunk)
         for attempt in range(attempts):
@@ -292,13 +291,12 @@ class FleetShardEncoder(_ShardEncoder):
                     truncation=self.settings.truncation,
                 )  # fmt: skip
             except RefusedError as error:
-                violation = error.field_violations[0] if error.field_violations else None
-                if violation is None:
+                if not error.field_violations:
                     raise
+                violation = error.field_violations[0]
                 raise record_error(chunk, violation.field, violation.description) from None
-            except (ResourceExhaustedError, UnavailableError) as error:
-                busy = isinstance(error, UnavailableError) or error.retry_after_s is not None
-                if not busy or attempt == attempts - 1:
+            except CallError as error:
+                if not retryable(error) or attempt == attempts - 1:
                     raise
                 time.sleep(max(error.retry_after_s or 0.0, min(0.25 * 2**attempt, 10.0)))
                 continue
@@ -308,6 +306,17 @@ class FleetShardEncoder(_ShardEncoder):
                 )
             return result
         raise AssertionError("unreachable")
+
+
+def retryable(error: Exception) -> bool:
+    """Whether a server's error can succeed on a retry: a full queue (RESOURCE_EXHAUSTED carrying the
+    server's retry delay) or a server that is down, starting or draining (UNAVAILABLE). Not a message or a
+    text too large for the server (RESOURCE_EXHAUSTED without a delay), nor anything else."""
+    from scholarembed import ResourceExhaustedError, UnavailableError
+
+    return isinstance(error, UnavailableError) or (
+        isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None
+    )
 
 
 def resolve_settings(

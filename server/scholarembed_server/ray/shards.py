@@ -83,17 +83,17 @@ def list_inputs(sources: Sequence[str]) -> list[tuple[pafs.FileSystem, str, str]
         fs, path = filesystem(source)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise CorpusError(f"input {source!r}: no such file or folder")
+            raise CorpusError(source, "no such file or folder")
         if info.type == pafs.FileType.Directory:
             children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = sorted(c.path for c in children if c.is_file and _format(c.path) and not _hidden(c.path))
             if not files:
-                raise CorpusError(f"input {source!r}: a folder without .jsonl or .parquet files")
+                raise CorpusError(source, "a folder without .jsonl or .parquet files")
             found += [(fs, file, _format(file) or "") for file in files]
             continue
         kind = _format(path)
         if kind is None:
-            raise CorpusError(f"input {source!r}: not a .jsonl or .parquet file")
+            raise CorpusError(source, "not a .jsonl or .parquet file")
         found.append((fs, path, kind))
     return found
 
