@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .errors import InvalidArgumentError
+    from .config import ServerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +280,7 @@ ENGINE_SETTINGS = (
 )  # fmt: skip
 
 
-def engine_config(args: argparse.Namespace) -> Any:
+def engine_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig `serve` would build from the same flags: one engine loader for every door."""
     from .config import ServerConfig
 
@@ -337,15 +336,12 @@ class Batches:
     def answered(self) -> None:
         self.unanswered.popleft()
 
-    def refusal(self, field: str, description: str) -> InvalidArgumentError:
+    def refusal(self, field: str, description: str) -> Exception:
         """The oldest unanswered request's error in this command's words: its record, or its flag."""
+        from .corpus import record_error
         from .errors import InvalidArgumentError
 
-        index = re.fullmatch(r"texts\[(\d+)\]", field)
-        if index and self.unanswered:
-            return InvalidArgumentError(self.unanswered[0][int(index.group(1))].where, description)
-        flag = FLAGS.get(field, field)
-        return InvalidArgumentError(flag, description)
+        return record_error(self.unanswered[0], InvalidArgumentError(field, description), renamed=FLAGS)
 
 
 # EmbedRequest fields as the flags that set them; "texts" is a whole request: --batch-size texts.

@@ -13,7 +13,8 @@ Only the standard library: the light client install runs `scholarembed index` an
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +76,19 @@ def record(row: Mapping[str, Any], columns: Columns, where: str, *, with_id: boo
         id=identifier,
         metadata={str(k): str(v) for k, v in extra.items()} if isinstance(extra, dict) else {},
     )
+
+
+def record_error(
+    records: Sequence[Record], error: InvalidArgumentError, renamed: Mapping[str, str] | None = None
+) -> InvalidArgumentError:
+    """A validator's error about a request made of `records`, in the words of a door that reads files:
+    `texts[i]` or `passages[i].<field>` becomes the record's place ("corpus.jsonl:17: id: ..."), any other
+    field is `renamed` (to the flag that set it, say)."""
+    match = re.fullmatch(r"(?:texts|passages)\[(\d+)\](?:\.(\w+))?", error.field)
+    if match and int(match.group(1)) < len(records):
+        field = f"{match.group(2)}: " if match.group(2) else ""
+        return CorpusError(records[int(match.group(1))].where, field + error.description)
+    return InvalidArgumentError((renamed or {}).get(error.field, error.field), error.description)
 
 
 def check_columns(names: Iterable[str], columns: Columns, where: str, *, with_id: bool) -> None:

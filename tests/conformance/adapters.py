@@ -10,9 +10,10 @@ import io
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from google.protobuf import json_format
@@ -434,15 +435,37 @@ class ClientTriton(Adapter):
         return _client_embed(self._client, case)
 
 
-# -- the command line: `scholarembed embed`, in this process ---------------------------------------
+# -- the bulk doors, which read files: the command line and Ray -------------------------------------
 
 
-def write_jsonl(path: Path, case: EmbedCase) -> Path:
-    """One record per text, with its title (the case's titles are one per text wherever this is used)."""
-    titles = case.titles or ("",) * len(case.texts)
-    path.write_text("".join(json.dumps({"_id": f"t{i}", "text": t, "title": titles[i]}) + "\n"
-                            for i, t in enumerate(case.texts)))  # fmt: skip
-    return path
+class Bulk(Adapter):
+    """A door that reads a case's texts from a JSONL file: a text is its record's line, the request's
+    other fields are `renamed` (the CLI's flags), and no texts is the file itself."""
+
+    renamed: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, name: str, work: Path) -> None:
+        super().__init__(name)
+        self._work = work
+
+    def _path(self, case: EmbedCase) -> Path:
+        return self._work / f"{re.sub(r'[^a-z0-9]+', '-', case.name)}.jsonl"
+
+    def input(self, case: EmbedCase) -> Path:
+        """The case's texts, one record a line, with their titles (one per text wherever this is used)."""
+        path = self._path(case)
+        titles = case.titles or ("",) * len(case.texts)
+        records = [{"_id": f"t{i}", "text": text, "title": titles[i]} for i, text in enumerate(case.texts)]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+        return path
+
+    def field(self, neutral: str | None, case: Any = None) -> str | None:
+        path = self._path(case)
+        if neutral is None:
+            return None
+        if match := re.fullmatch(r"texts\[(\d+)\]", neutral):
+            return f"{path}:{int(match.group(1)) + 1}"
+        return str(path) if neutral == "texts" else self.renamed.get(neutral, neutral)
 
 
 @contextlib.contextmanager
@@ -456,29 +479,18 @@ def _logging_kept() -> Any:
         root.handlers[:], root.level = handlers, level
 
 
-class Cli(Adapter):
+class Cli(Bulk):
     """`scholarembed embed` run by its main(), in this process: argparse, the corpus reader, the engine
     loader or the client, the .npy writer, and the one-line error and exit status."""
 
+    renamed: ClassVar[Mapping[str, str]] = {
+        "input_type": "--type", "dimensions": "--dimensions", "encoding": "--encoding", "truncation": "--truncation",
+    }  # fmt: skip
+
     def __init__(self, name: str, work: Path, engine_args: list[str]) -> None:
-        super().__init__(name)
-        self._work = work
+        super().__init__(name, work)
         self._engine_args = engine_args
         self._runs = 0
-
-    def _input(self, case: EmbedCase) -> Path:
-        return self._work / f"{re.sub(r'[^a-z0-9]+', '-', case.name)}.jsonl"
-
-    def field(self, neutral: str | None, case: Any = None) -> str | None:
-        """A text is its record's line; a request's field is the flag that sets it."""
-        if neutral is None:
-            return None
-        match = re.fullmatch(r"texts\[(\d+)\]", neutral)
-        if match:
-            return f"{self._input(case)}:{int(match.group(1)) + 1}"
-        if neutral == "texts":
-            return str(self._input(case))
-        return {"input_type": "--type"}.get(neutral, f"--{neutral}")
 
     def embed(self, case: EmbedCase) -> Outcome:
         from scholarembed_server.cli import main
@@ -486,7 +498,7 @@ class Cli(Adapter):
         self._runs += 1
         output = self._work / f"vectors-{self._runs}.npy"
         arguments = [
-            "--log-level", "WARNING", "embed", "--input", str(write_jsonl(self._input(case), case)),
+            "--log-level", "WARNING", "embed", "--input", str(self.input(case)),
             "--output", str(output), "--dimensions", str(case.dimensions), "--encoding", case.encoding,
             "--truncation", case.truncation, "--batch-size", str(MAX_TEXTS // 2), "--no-progress",
             *(["--type", case.input_type] if case.input_type else []), *self._engine_args,
@@ -510,25 +522,12 @@ class Cli(Adapter):
         return Failure(code, match and match.group(1), message)
 
 
-# -- Ray: embed_corpus ------------------------------------------------------------------------------
+class Ray(Bulk):
+    """`embed_corpus` with engine actors on the case's file; the shards read back in plan order."""
 
-
-class Ray(Adapter):
     def __init__(self, work: Path, engine: Any) -> None:
-        super().__init__("ray")
-        self._work = work
+        super().__init__("ray", work)
         self._engine = engine  # the ServerConfig the actors load
-
-    def _input(self, case: EmbedCase) -> Path:
-        return self._work / f"{re.sub(r'[^a-z0-9]+', '-', case.name)}.jsonl"
-
-    def field(self, neutral: str | None, case: Any = None) -> str | None:
-        if neutral is None:
-            return None
-        match = re.fullmatch(r"texts\[(\d+)\]", neutral)
-        if match:
-            return f"{self._input(case)}:{int(match.group(1)) + 1}"
-        return str(self._input(case)) if neutral == "texts" else neutral
 
     def embed(self, case: EmbedCase) -> Outcome:
         import pyarrow as pa
@@ -538,12 +537,13 @@ class Ray(Adapter):
         from scholarembed_server.ray import embed_corpus
         from scholarembed_server.ray.shards import MANIFEST, read_shard
 
-        output = self._work / f"{self._input(case).stem}-shards"
+        corpus = self.input(case)
+        output = corpus.with_suffix(".shards")
         try:
             embed_corpus(
-                str(write_jsonl(self._input(case), case)), str(output), input_type=case.input_type,
-                engine=self._engine, dimensions=case.dimensions, encoding=case.encoding,
-                truncation=case.truncation, rows_per_shard=100, actors=1, cpus_per_actor=0.5, progress=False,
+                str(corpus), str(output), input_type=case.input_type, engine=self._engine,
+                dimensions=case.dimensions, encoding=case.encoding, truncation=case.truncation, rows_per_shard=100,
+                actors=1, cpus_per_actor=0.5, progress=False,
             )  # fmt: skip
         except ScholarEmbedError as error:
             return Failure(error.code.name, getattr(error, "field", None), str(error))

@@ -47,13 +47,16 @@ def server_config(parameters: dict[str, Any]) -> ServerConfig:
     by SCHOLAREMBED_<FIELD> when that is set (the flags' own environment defaults)."""
     import argparse
 
+    names = {field.name for field in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(parameters) - names)
+    if unknown:  # a misspelt setting would silently keep its default
+        raise ValueError(f"config.pbtxt parameters {unknown} are not settings of serve (ServerConfig fields)")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    names = {field.name for field in dataclasses.fields(ServerConfig)}
     flags = [
         f"--{name.replace('_', '-')}={value['string_value']}"
         for name, value in parameters.items()
-        if name in names and value.get("string_value") and not os.environ.get(ENV_PREFIX + name.upper())
+        if value.get("string_value") and not os.environ.get(ENV_PREFIX + name.upper())
     ]
     return from_arguments(parser.parse_args(flags))
 

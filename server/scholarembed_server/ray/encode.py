@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..corpus import Columns, CorpusError, Record
+from ..corpus import Columns, Record, record_error
 from ..embedder import named_embed_request, validate_embed_request
 from ..errors import InvalidArgumentError
 from .shards import (
@@ -224,13 +224,6 @@ class _ShardEncoder:
         raise NotImplementedError
 
 
-def record_error(chunk: Sequence[Record], field: str, description: str) -> InvalidArgumentError:
-    """An error naming `texts[i]` of a chunk's request, as the record's: "corpus.jsonl:17: ..."."""
-    if field.startswith("texts[") and field.endswith("]"):
-        return CorpusError(chunk[int(field[6:-1])].where, description)
-    return InvalidArgumentError(field, description)
-
-
 class EngineShardEncoder(_ShardEncoder):
     """An actor running the server's embedding path: one per GPU, or a CPU actor with `cpus` torch threads."""
 
@@ -258,7 +251,7 @@ class EngineShardEncoder(_ShardEncoder):
             for response in self.embedder.embed_many(map(self.settings.request, chunks), REQUESTS_IN_FLIGHT):
                 results.append(decode(response))
         except InvalidArgumentError as error:
-            raise record_error(chunks[len(results)], error.field, error.description) from None
+            raise record_error(chunks[len(results)], error) from None
         return results
 
 
@@ -294,7 +287,7 @@ class FleetShardEncoder(_ShardEncoder):
                 if not error.field_violations:
                     raise
                 violation = error.field_violations[0]
-                raise record_error(chunk, violation.field, violation.description) from None
+                raise record_error(chunk, InvalidArgumentError(violation.field, violation.description)) from None
             except CallError as error:
                 if not retryable(error) or attempt == attempts - 1:
                     raise

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..corpus import Columns, CorpusError, Record
+from ..corpus import Columns, Record, record_error
 from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..index.base import (
     CollectionNotFoundError,
@@ -140,10 +140,7 @@ def checked_passages(batch: list[Record]) -> list[StoredPassage]:
     try:
         return validate_passages(batch, len(batch))
     except InvalidArgumentError as error:
-        position, _, field = error.field.removeprefix("passages[").partition("].")
-        if not position.isdigit():
-            raise
-        raise CorpusError(batch[int(position)].where, f"{field}: {error.description}") from None
+        raise record_error(batch, error) from None
 
 
 def open_store(data_dir: str | None, index_uri: str | None, matryoshka_dims: Sequence[int]) -> VectorIndex:

@@ -12,10 +12,12 @@ container takes, all prepared here and cached under .cache/triton:
 - numpy<2 for the stub only. Backend 2.51's utilities mis-read string tensors under numpy 2 (the
   stub aborts on the first request; fixed in later releases), while the project runs on numpy 2.
   The stub's embedded Python ignores PYTHONPATH, but takes the first `python3` on PATH as its home,
-  virtualenvs included. So PATH starts with a small virtualenv, .cache/triton/stub-env-pyXY, that
-  holds numpy 1.x alone plus a .pth adding this environment's site-packages behind it: model.py
-  imports torch and scholarembed_server from this very environment, and nothing else sees that
-  numpy. (An EXECUTION_ENV_PATH tarball would need conda-pack and a second copy of torch.)
+  virtualenvs included. So PATH starts with a small virtualenv, .cache/triton/stub-env-pyXY-<hash>,
+  that holds numpy 1.x alone plus a .pth putting the scholarembed code this launcher runs (its
+  server/ and client/ folders) and then this environment's site-packages behind it: model.py imports
+  torch from this very environment and scholarembed_server from the same checkout as the launcher,
+  and nothing else sees that numpy. (An EXECUTION_ENV_PATH tarball would need conda-pack and a second
+  copy of torch.)
 - for KIND_CPU (tests, CPU hosts), a temporary copy of the repository whose instance group says
   KIND_CPU; the checked-in config stays KIND_GPU for production.
 
