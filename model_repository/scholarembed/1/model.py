@@ -7,9 +7,10 @@ same batcher (token-budget batches, out-of-memory halving: a text that cannot fi
 request, the others are answered), prompts, pooling and encodings as the gRPC server. Its settings are
 serve's (`ServerConfig`), from config.pbtxt's parameters and SCHOLAREMBED_<SETTING> variables.
 
-`execute` stays synchronous: the Python backend of Triton 2.51 runs `async def execute` for decoupled
-models only, and a decoupled model cannot answer the plain ModelInfer call. So `execute` hands all of
-its requests (one dynamic batch) to the batcher at once, on the embedder's event loop, and waits.
+`execute` stays synchronous: Triton runs one `execute` at a time per model instance (an `async def
+execute` too, which only a decoupled model, one that cannot answer the plain ModelInfer call, may run
+concurrently). So `execute` hands all of its requests, one dynamic batch, to the batcher at once, on
+the embedder's own event loop, and waits for their answers.
 
 Contract: one response per request, in order. `execute` never raises: in Triton 2.51 a stub whose
 `execute` raised stays "ready" and fails every later request. Errors map to Triton's codes in one
