@@ -514,3 +514,27 @@ def test_every_answer_carries_the_request_id_back(server) -> None:
     assert (status, headers["x-request-id"]) == (400, "trace-http-8")
     status, headers, _ = call(url, "POST", body)
     assert status == 200 and re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"])
+
+
+async def test_the_doors_connections_send_without_waiting_for_acks() -> None:
+    """TCP_NODELAY on every accepted connection (asyncio sets it only on sockets that name IPPROTO_TCP):
+    without it, each kept-alive request waited ~40 ms for the client's delayed ACK."""
+    from scholarembed_server.http.server import listening_socket
+
+    accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)  # type: ignore[arg-type]
+
+    listener = listening_socket("127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Accept, sock=listener)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        transport = await asyncio.wait_for(accepted, 30)
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
