@@ -9,7 +9,8 @@ entries), per search:
   render  the SearchResponse to the response body (json_format.MessageToDict, then orjson), as protojson.render;
   binary  the same two messages through protobuf's binary form, which gRPC pays instead, for scale;
   search  the median end-to-end latency of POST /v1/search (httpx, one client, keep-alive) on a
-          `scholarembed serve` of the tiny random model over --passages stored passages.
+          `scholarembed serve` of the tiny random model over --passages stored passages;
+  gRPC    the median latency of the same search through the Search RPC (generated stub), same server.
 The share is (parse + render) / search. Conversion figures are the best of five timed loops.
 """
 
@@ -27,10 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import orjson
 from google.protobuf import json_format
 
 from scholarembed.v1 import search_pb2 as spb
+from scholarembed.v1 import search_pb2_grpc as spb_grpc
 from scholarembed_server.http import protojson
 from scholarembed_server.random_model import WORDS, build_tiny_embeddinggemma
 
@@ -61,6 +64,17 @@ def response(top_k: int, include_passages: bool) -> spb.SearchResponse:
 
 def best_microseconds(function: Callable[[], Any], number: int = 200) -> float:
     return min(timeit.repeat(function, number=number, repeat=5)) / number * 1e6
+
+
+def median_microseconds(call: Callable[[], Any], count: int) -> float:
+    for _ in range(10):  # warm-up, outside the clock
+        call()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -100,24 +114,22 @@ def main() -> int:
                 client.upsert_passages(
                     "bench", [Passage(f"passage-{i:07d}", TEXT, "A title", metadata) for i in range(args.passages)]
                 )
-            latency = {}
-            with httpx.Client(base_url=http_url, timeout=60) as http:
+            latency, grpc_latency = {}, {}
+            with httpx.Client(base_url=http_url, timeout=60) as http, grpc.insecure_channel(address) as channel:
+                stub = spb_grpc.SearchServiceStub(channel)
                 for shape in shapes:
                     body = request_body(*shape)
-                    for _ in range(10):  # warm-up, outside the clock
-                        http.post("/v1/search", content=body).raise_for_status()
-                    times = []
-                    for _ in range(args.searches):
-                        started = time.perf_counter()
-                        http.post("/v1/search", content=body).raise_for_status()
-                        times.append(time.perf_counter() - started)
-                    latency[shape] = statistics.median(times) * 1e6
+                    message = json_format.Parse(body, spb.SearchRequest())
+                    latency[shape] = median_microseconds(
+                        lambda body=body: http.post("/v1/search", content=body).raise_for_status(), args.searches
+                    )
+                    grpc_latency[shape] = median_microseconds(lambda m=message: stub.Search(m), args.searches)
         finally:
             process.terminate()
             process.wait(60)
 
     print(f"/v1/search JSON conversion per search; {args.passages} passages, tiny random model, CPU")
-    columns = ("parse µs", "render µs", "binary µs", "search µs")
+    columns = ("parse µs", "render µs", "binary µs", "search µs", "gRPC µs")
     print(f"{'top_k':>5} {'passages':>8} " + " ".join(f"{name:>10}" for name in columns) + f" {'share':>6}")
     for top_k, passages in shapes:
         body, message = request_body(top_k, passages), response(top_k, passages)
@@ -133,7 +145,7 @@ def main() -> int:
         search = latency[(top_k, passages)]
         print(
             f"{top_k:>5} {'yes' if passages else 'no':>8} {parse:10.1f} {render:10.1f} {binary:10.1f} {search:10.0f} "
-            f"{(parse + render) / search:6.1%}"
+            f"{grpc_latency[(top_k, passages)]:10.0f} {(parse + render) / search:6.1%}"
         )
     return 0
 
