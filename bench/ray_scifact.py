@@ -36,7 +36,8 @@ def main() -> int:
         shards, data = Path(folder) / "shards", Path(folder) / "data"
         started = time.perf_counter()
         subprocess.run(
-            [*cli, "embed", "--engine", "ray", "--model", model, "--input", str(args.beir / "corpus.jsonl"),
+            [*cli, "embed", "--engine", "ray", "--model", model, "--type", "passage",
+             "--input", str(args.beir / "corpus.jsonl"),
              "--output", str(shards), "--rows-per-shard", "1000", "--actors", str(args.actors),
              "--cpus-per-actor", str(args.cpus_per_actor), "--no-progress"],
             check=True,

@@ -45,12 +45,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scholarembed_server.corpus import read_file
 from scholarembed_server.random_model import (
     EMBEDDINGGEMMA_300M,
     build_random_embeddinggemma,
@@ -79,14 +81,9 @@ class Result:
 
 
 def load_passages(corpus: Path, limit: int) -> list[tuple[str, str]]:
-    passages = []
-    with corpus.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            passages.append((record.get("title", ""), record["text"]))
-            if limit and len(passages) == limit:
-                break
-    return passages
+    """(title, text) of the first `limit` records of a BEIR JSONL file (all with 0: a corpus, or queries),
+    read by the server's one corpus reader."""
+    return [(record.title, record.text) for record in islice(read_file(corpus), limit or None)]
 
 
 def model_card_loop(engine, texts: list[str]) -> np.ndarray:
@@ -265,7 +262,7 @@ def large_tokenizer(work_dir: Path, vocab_size: int) -> tuple[Path, int, float]:
     if (folder / "tokenizer.json").exists():
         return folder, len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]), 0.0
     texts = [text for _, text in load_passages(SCIFACT / "corpus.jsonl", 0)]
-    texts += [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open()]
+    texts += [text for _, text in load_passages(SCIFACT / "queries.jsonl", 0)]
     started = time.perf_counter()
     reached = build_tokenizer(folder, vocab_size, texts + [t.upper() for t in texts] + [t.title() for t in texts])
     return folder, reached, time.perf_counter() - started
@@ -284,7 +281,7 @@ def workload(tokenizer: Any, count: int, max_tokens: int, seed: int = 0) -> tupl
     for length in lengths:
         start = int(rng.integers(0, len(stream) - length))
         passages.append(tokenizer.decode(stream[start : start + max(1, length - prompt_tokens)]).strip())
-    queries = [json.loads(line)["text"] for line in (SCIFACT / "queries.jsonl").open()]
+    queries = [text for _, text in load_passages(SCIFACT / "queries.jsonl", 0)]
     return passages, queries
 
 

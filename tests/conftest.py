@@ -210,3 +210,25 @@ def metrics_address(server: ServerProcess) -> str:
     match = re.search(r"metrics port (\d+)", server.output())
     assert match, "the server was not started with --metrics-port"
     return f"127.0.0.1:{match.group(1)}"
+
+
+# Small limits for the servers of the conformance suite and Triton, so that the cases over them stay small.
+SMALL_LIMITS = {"max_texts_per_request": 8, "max_tokens_per_request": 600, "max_top_k": 50}
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Any]:
+    """tritonserver (the binary of nvidia-pytriton, which `make install` installs: its absence is a failure,
+    not a skip) serving model_repository/ on the CPU, with the tiny model and SMALL_LIMITS."""
+    from scholarembed_server.triton import launcher
+
+    server = launcher.start(
+        str(tiny_model_dir),
+        kind="cpu",
+        matryoshka_dims=TINY_MATRYOSHKA,
+        settings={key: value for key, value in SMALL_LIMITS.items() if key != "max_top_k"},
+        log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log",
+        ready_timeout=START_TIMEOUT_S,
+    )
+    yield server
+    server.stop()

@@ -11,7 +11,7 @@ import threading
 import grpc
 import numpy as np
 from conftest import TINY_MATRYOSHKA, ServerProcess
-from reference import cosine
+from reference import ModelCard, cosine
 from tiny_model import WORDS
 
 from scholarembed import Client
@@ -64,6 +64,44 @@ def test_embed_file_in_process_matches_the_server(tmp_path, tiny_server, tiny_mo
     with Client(tiny_server.address) as client:
         expected = client.embed_queries(texts)
     assert cosine(np.load(output), expected).min() >= 0.99999
+
+
+def test_embed_in_process_loads_the_engine_from_serves_settings(tmp_path, tiny_model_dir) -> None:
+    """--max-tokens, --matryoshka-dims and the rest are serve's flags, read into the same ServerConfig: a
+    text is cut where a server started with them would cut it."""
+    texts = [" ".join(WORDS[i : i + 40]) for i in range(3)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    run_cli(
+        "embed", "--input", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "v.npy"), "--type", "raw",
+        "--model", str(tiny_model_dir), "--max-tokens", "16", "--matryoshka-dims", "64,24", "--dimensions", "24",
+        "--no-progress",
+    )  # fmt: skip
+    card = ModelCard(tiny_model_dir, max_length=16)
+    assert cosine(np.load(tmp_path / "v.npy"), [card.embed(text, 24) for text in texts]).min() >= 0.99999
+
+
+def test_embed_requires_the_input_type(tmp_path, tiny_model_dir) -> None:
+    (tmp_path / "texts.txt").write_text("protein\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "scholarembed_server", "embed", "--input", str(tmp_path / "texts.txt"),
+         "--output", str(tmp_path / "v.npy"), "--model", str(tiny_model_dir)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "the following arguments are required: --type" in result.stderr
+
+
+def test_a_bad_record_is_named_in_one_line(tmp_path, tiny_model_dir) -> None:
+    (tmp_path / "c.jsonl").write_text('{"text": "protein"}\n\n{"text": " "}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "scholarembed_server", "embed", "--input", str(tmp_path / "c.jsonl"),
+         "--output", str(tmp_path / "v.npy"), "--model", str(tiny_model_dir), "--type", "passage", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"scholarembed embed: error: INVALID_ARGUMENT: {tmp_path / 'c.jsonl'}:3: must not be empty or whitespace only"
+    ]
 
 
 def test_info_prints_model_info(tiny_server) -> None:

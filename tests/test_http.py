@@ -3,25 +3,29 @@ OpenAIEmbeddings and curl, against real servers on loopback, compared with the g
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
 import re
+import socket
 import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import numpy as np
 import openai
 import pytest
-from conftest import InProcessServer
+from conftest import InProcessServer, wait_for
 from langchain_openai import OpenAIEmbeddings
 from prometheus_client import generate_latest
 from test_security import TOKEN, pki  # noqa: F401  (the module's certificate fixture)
 from tiny_model import WORDS
 
 from scholarembed import Client, Passage
+from scholarembed.v1 import search_pb2_grpc
 from scholarembed_server.lifecycle import Phase
 
 SAME = 0.99999
@@ -103,15 +107,32 @@ def test_openai_sdk_base64_with_dimensions_and_titles(server, sdk, grpc_client) 
     assert cosine(np.array([item.embedding for item in default.data]), expected).min() >= SAME
 
 
-def test_model_aliases_choose_the_prompt_and_the_default_is_passage(server, sdk, grpc_client) -> None:
+def test_model_aliases_choose_the_prompt_and_no_input_type_is_refused(server, sdk, grpc_client) -> None:
     def embed(**kwargs: Any) -> np.ndarray:
         return np.array([item.embedding for item in sdk.embeddings.create(input=TEXTS, **kwargs).data])
 
     queries, passages = grpc_client.embed_queries(TEXTS), grpc_client.embed_passages(TEXTS)
     assert cosine(embed(model=f"{server.model_id}:query"), queries).min() >= SAME
     assert cosine(embed(model=f"{server.model_id}:passage"), passages).min() >= SAME
-    assert cosine(embed(model=server.model_id), passages).min() >= SAME  # documented default
     assert cosine(queries, passages).max() < SAME  # the prompts really differ
+    # Neither input_type nor an alias: refused, as on every other door, naming both remedies.
+    with pytest.raises(openai.BadRequestError) as refused:
+        embed(model=server.model_id)
+    error = refused.value.body
+    assert (error["param"], error["code"]) == ("input_type", "invalid_argument")
+    assert "input_type" in error["message"] and f"{server.model_id}:query" in error["message"]
+
+
+def test_an_operator_can_opt_in_to_a_default_input_type(tiny_engine, grpc_client) -> None:
+    server = InProcessServer(tiny_engine, http_port=0, http_default_input_type="passage")
+    try:
+        status, _, body = call(f"http://127.0.0.1:{server.server.http_port}/v1/embeddings", "POST", {"input": TEXTS})
+    finally:
+        server.stop()
+    assert status == 200
+    assert (
+        cosine(np.array([item["embedding"] for item in body["data"]]), grpc_client.embed_passages(TEXTS)).min() >= SAME
+    )
 
 
 def test_langchain_openai_embeddings(server, grpc_client) -> None:
@@ -146,53 +167,91 @@ def test_models_health_and_openapi(server) -> None:
     assert status == 404 and error["error"]["type"] == "not_found_error"
     openapi = call(server.http_url + "/openapi.json")[2]
     schemas = openapi["components"]["schemas"]
-    assert {"EmbeddingsRequest", "EmbeddingsResponse", "SearchRequest", "SearchResponse", "ErrorResponse"} <= set(
-        schemas
-    )
-    assert {"input", "model", "dimensions", "encoding_format", "input_type", "titles", "user"} == set(
+    assert {"EmbeddingsRequest", "EmbeddingsResponse", "ErrorResponse"} <= set(schemas)
+    assert {"input", "model", "dimensions", "encoding_format", "input_type", "titles", "truncation", "user"} == set(
         schemas["EmbeddingsRequest"]["properties"]
     )
     assert "429" in openapi["paths"]["/v1/embeddings"]["post"]["responses"]
 
 
-def test_search_mirrors_the_search_rpc(server, grpc_client) -> None:
-    passages = [Passage(id=f"p{i}", text=" ".join(WORDS[i : i + 10]), metadata={"n": str(i % 2)}) for i in range(30)]
+def test_the_search_schemas_come_from_the_proto(server) -> None:
+    """Every field of SearchRequest and SearchResponse, nested messages and enums included, is in the
+    OpenAPI document, read from the descriptors: a field added to the proto appears without an edit."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from scholarembed.v1 import search_pb2
+
+    openapi = call(server.http_url + "/openapi.json")[2]
+    schemas = openapi["components"]["schemas"]
+    search = openapi["paths"]["/v1/search"]["post"]
+    reference = "#/components/schemas/scholarembed.v1."
+    assert search["requestBody"]["content"]["application/json"]["schema"] == {"$ref": reference + "SearchRequest"}
+    assert search["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": reference + "SearchResponse"}
+    pending, seen = [search_pb2.SearchRequest.DESCRIPTOR, search_pb2.SearchResponse.DESCRIPTOR], set()
+    while pending:
+        message = pending.pop()
+        if message.full_name in seen or message.GetOptions().map_entry:
+            continue
+        seen.add(message.full_name)
+        assert set(schemas[message.full_name]["properties"]) == {f.name for f in message.fields}, message.full_name
+        for field in message.fields:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                pending.append(field.message_type)
+            elif field.type == FieldDescriptor.TYPE_ENUM:
+                assert schemas[field.enum_type.full_name]["enum"] == [v.name for v in field.enum_type.values]
+    assert {"scholarembed.v1.MetadataCondition", "scholarembed.v1.HybridOptions", "scholarembed.v1.ListRank"} <= seen
+    hit = schemas["scholarembed.v1.Hit"]["properties"]
+    assert hit["metadata"] == {"type": "object", "additionalProperties": {"type": "string"}}
+    assert hit["dense"] == {"$ref": reference + "ListRank"}
+
+
+def test_search_takes_the_protos_json_mapping(server, grpc_client) -> None:
+    """/v1/search is SearchRequest in the proto3 JSON mapping: the proto's field names or their
+    lowerCamelCase JSON names, enums by name or number; the answer is the Search RPC's, field for field."""
+    from google.protobuf import json_format
+
+    from scholarembed.v1 import search_pb2
+
+    passages = [
+        Passage(id=f"p{i}", text=" ".join(WORDS[i : i + 10]), metadata={"n": str(i % 2), "year": str(2000 + i)})
+        for i in range(30)
+    ]
     grpc_client.upsert_passages("http-search", passages, batch_size=MAX_TEXTS)
-    expected = grpc_client.search("protein gene", collection="http-search", top_k=5, include_passages=True)
-    status, _, body = call(
-        server.http_url + "/v1/search",
-        "POST",
-        {"collection": "http-search", "queries": ["protein gene"], "top_k": 5, "include_passages": True},
-    )
-    assert status == 200
-    hits = body["results"][0]["hits"]
-    assert [hit["id"] for hit in hits] == [hit.id for hit in expected]
-    assert np.allclose([hit["score"] for hit in hits], [hit.score for hit in expected], atol=1e-6)
-    assert hits[0]["text"] == expected[0].text and hits[0]["metadata"] == dict(expected[0].metadata)
-    filtered = call(
-        server.http_url + "/v1/search",
-        "POST",
-        {"collection": "http-search", "queries": ["protein"], "top_k": 30, "filter": {"n": "1"}},
-    )[2]
-    assert {hit["id"] for hit in filtered["results"][0]["hits"]} == {f"p{i}" for i in range(1, 30, 2)}
+    request = search_pb2.SearchRequest(
+        collection="http-search", queries=["protein gene", "cell"], top_k=5, include_passages=True,
+        mode=search_pb2.SEARCH_MODE_HYBRID, hybrid=search_pb2.HybridOptions(rrf_k=10, depth=20), filter={"n": "1"},
+        conditions=[search_pb2.MetadataCondition(key="year", range=search_pb2.NumericRange(gte=2005))],
+    )  # fmt: skip
+    with grpc.insecure_channel(server.address) as channel:
+        expected = json_format.MessageToDict(
+            search_pb2_grpc.SearchServiceStub(channel).Search(request),
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        )
+    proto_names = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    json_names = json_format.MessageToDict(request, use_integers_for_enums=True)  # topK, includePassages, mode: 3
+    assert "topK" in json_names and json_names["mode"] == 3
+    for body in (proto_names, json_names):
+        status, _, answer = call(server.http_url + "/v1/search", "POST", body)
+        assert status == 200, answer
+        assert answer == expected
+    assert answer["results"][0]["hits"] and all(hit["dense"] or hit["lexical"] for hit in answer["results"][0]["hits"])
 
 
+# What is HTTP's own: the body's shape (pydantic) and the model names. The shared validation (empty texts,
+# dimensions, limits, titles, ...) is held to the same cases as every door's by tests/conformance/.
+QUERY = {"input_type": "query"}
 EMBEDDINGS_ERRORS = [
-    ("empty input", {"input": []}, 400, "input"),
-    ("empty string", {"input": ""}, 400, "input"),
-    ("one empty text", {"input": ["protein", "  "]}, 400, "input[1]"),
-    ("wrong dimension", {"input": "protein", "dimensions": 48}, 400, "dimensions"),
-    ("zero dimension", {"input": "protein", "dimensions": 0}, 400, "dimensions"),
-    ("too many texts", {"input": ["protein"] * (MAX_TEXTS + 1)}, 400, "input"),
-    ("token arrays", {"input": [[1, 2, 3]]}, 400, "input"),
-    ("not text", {"input": 5}, 400, "input"),
-    ("unknown encoding", {"input": "protein", "encoding_format": "float16"}, 400, "encoding_format"),
-    ("unknown input type", {"input": "protein", "input_type": "document"}, 400, "input_type"),
-    ("titles with queries", {"input": "protein", "input_type": "query", "titles": ["t"]}, 400, "titles"),
-    ("misspelt field", {"input": "protein", "dimension": 32}, 400, "dimension"),
+    ("empty string", {"input": "", **QUERY}, 400, "input"),
+    ("zero dimension", {"input": "protein", "dimensions": 0, **QUERY}, 400, "dimensions"),
+    ("token arrays", {"input": [[1, 2, 3]], **QUERY}, 400, "input"),
+    ("not text", {"input": 5, **QUERY}, 400, "input"),
+    ("unknown encoding", {"input": "protein", "encoding_format": "float16", **QUERY}, 400, "encoding_format"),
+    ("unknown truncation", {"input": "protein", "truncation": "start", **QUERY}, 400, "truncation"),
+    ("misspelt field", {"input": "protein", "dimension": 32, **QUERY}, 400, "dimension"),
     ("unknown model", {"input": "protein", "model": "text-embedding-3-small"}, 404, "model"),
     ("alias contradicts", {"input": "protein", "model": "tiny:query", "input_type": "passage"}, 400, "input_type"),
-    ("missing input", {"model": "tiny"}, 400, "input"),
+    ("missing input", {"model": "tiny", **QUERY}, 400, "input"),
 ]
 
 
@@ -207,7 +266,7 @@ def test_bad_embeddings_requests_get_openai_errors_and_the_server_keeps_serving(
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["message"].startswith(param)
     assert error["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-    assert call(server.http_url + "/v1/embeddings", "POST", {"input": "still serving"})[0] == 200
+    assert call(server.http_url + "/v1/embeddings", "POST", {"input": "still serving", "input_type": "query"})[0] == 200
 
 
 def test_malformed_json_and_large_bodies(server) -> None:
@@ -228,10 +287,36 @@ def test_malformed_json_and_large_bodies(server) -> None:
     response = connection.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["type"] == "invalid_request_error"
     connection.close()
-    assert call(url, "POST", {"input": "still serving"})[0] == 200
+    assert call(url, "POST", {"input": "still serving", "input_type": "query"})[0] == 200
 
 
 SEARCH_ERRORS = [
+    ({"collection": "http-search", "queries": ["q"], "top_k": 1, "mode": "dense"}, 400, "mode"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 1, "hybrid": {"rrfK": -1}}, 400, "hybrid.rrf_k"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 1, "filter": {"n": 1}}, 400, "filter['n']"),
+    ({"collection": "http-search", "queries": "q", "top_k": 1}, 400, "queries"),
+    ({"collection": "http-search", "queries": ["q"], "top_k": 1, "hybrid": 7}, 400, "hybrid"),
+    (
+        {
+            "collection": "http-search",
+            "queries": ["q"],
+            "top_k": 1,
+            "conditions": [{"key": "n", "range": {"gte": "a year"}}],
+        },
+        400,
+        "conditions[0].range.gte",
+    ),
+    (
+        {
+            "collection": "http-search",
+            "queries": ["q"],
+            "top_k": 1,
+            "conditions": [{"key": "n", "equals": "1", "any_of": {"values": ["1"]}}],
+        },
+        400,
+        "conditions[0]",
+    ),
+    ([{"collection": "http-search"}], 400, "body"),
     ({"collection": "bad name!", "queries": ["q"], "top_k": 1}, 400, "collection"),
     ({"collection": "absent", "queries": ["q"], "top_k": 1}, 404, None),
     ({"collection": "http-search", "queries": [], "top_k": 1}, 400, "queries"),
@@ -249,16 +334,26 @@ def test_bad_searches_get_the_search_rpcs_errors(server, grpc_client, body, stat
     grpc_client.upsert_passages("http-search", [Passage(id="x", text="protein")])
     got_status, _, error = call(server.http_url + "/v1/search", "POST", body)
     assert (got_status, error["error"]["param"]) == (status, param), error
+    if param is not None:
+        assert error["error"]["message"].startswith(param + ": ")
+
+
+def test_a_search_body_that_is_not_json_is_refused_as_an_embeddings_one_is(server) -> None:
+    for route in ("/v1/search", "/v1/embeddings"):
+        status, _, error = call(server.http_url + route, "POST", b'{"collection": ')
+        assert (status, error["error"]["param"], error["error"]["code"]) == (400, None, "invalid_argument")
+        assert error["error"]["message"].startswith("malformed JSON at character")
 
 
 def test_queue_full_is_429_with_retry_after(tiny_engine) -> None:
     # A lone request is always admitted, so the queue is filled by a burst of them.
     server = InProcessServer(tiny_engine, http_port=0, max_queue_tokens=40, max_wait_ms=50)
     url = f"http://127.0.0.1:{server.server.http_port}/v1/embeddings"
+    body = {"input": ["protein gene cell"] * 4, "input_type": "passage"}
     try:
         with ThreadPoolExecutor(16) as pool:
             for _ in range(5):
-                answers = list(pool.map(lambda _: call(url, "POST", {"input": ["protein gene cell"] * 4}), range(16)))
+                answers = list(pool.map(lambda _: call(url, "POST", body), range(16)))
                 refused = [answer for answer in answers if answer[0] != 200]
                 if refused:
                     break
@@ -270,13 +365,13 @@ def test_queue_full_is_429_with_retry_after(tiny_engine) -> None:
         assert error["error"]["type"] == "rate_limit_error" and error["error"]["code"] == "resource_exhausted"
 
 
-def test_warming_up_and_draining_are_503(tiny_engine) -> None:
+def test_warming_up_is_503(tiny_engine) -> None:
     server = InProcessServer(tiny_engine, http_port=0)
     url = f"http://127.0.0.1:{server.server.http_port}"
     try:
         server.server.serving.phase = Phase.STARTING  # what warm-up flips: as the server is before its first batch
         assert call(url + "/health/live")[0] == 200
-        status, headers, error = call(url + "/v1/embeddings", "POST", {"input": "protein"})
+        status, headers, error = call(url + "/v1/embeddings", "POST", {"input": "protein", **QUERY})
         assert status == 503 and headers["Retry-After"] == "1" and "warming up" in error["error"]["message"]
         assert call(url + "/health/ready")[0] == 503
         server.server.serving.phase = Phase.SERVING
@@ -284,14 +379,44 @@ def test_warming_up_and_draining_are_503(tiny_engine) -> None:
         assert call(url + "/v1/search", "POST", {"collection": "c", "queries": ["q"], "top_k": 1})[0] == 501
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/embeddings", {"input": "protein", **QUERY}),
+        ("/v1/search", {"collection": "c", "queries": ["q"], "top_k": 1}),
+    ],
+)
+def test_a_call_that_arrives_while_draining_is_503(tiny_engine, tmp_path, route, body) -> None:
+    """SIGTERM's drain, for real: a call already in progress (its headers read, its body still coming) when
+    the drain begins is answered 503 with Retry-After, then the door closes."""
+    server = InProcessServer(tiny_engine, http_port=0, data_dir=str(tmp_path / "data"))
+    door = server.server.http
+    payload = json.dumps(body).encode()
+    head = f"POST {route} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=30) as connection:
+        connection.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload[:5])
+        wait_for(lambda: door.calls_in_progress == 1, message="the call never reached the door")
+        draining = asyncio.run_coroutine_threadsafe(server.server.stop(30), server.loop)
+        wait_for(lambda: door.draining, message="the drain never began")
+        connection.sendall(payload[5:])
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        error = json.loads(response.read())["error"]
+    draining.result(60)
+    server.loop.call_soon_threadsafe(server.loop.stop)
+    server.thread.join(10)
+    assert (response.status, response.getheader("Retry-After")) == (503, "1")
+    assert error["code"] == "unavailable" and "draining" in error["message"]
     with pytest.raises(urllib.error.URLError):  # drained and closed with the gRPC port
-        urllib.request.urlopen(url + "/health/live", timeout=5)
+        urllib.request.urlopen(f"http://127.0.0.1:{server.server.http_port}/health/live", timeout=5)
 
 
 def test_metrics_label_the_door(server, grpc_client) -> None:
     grpc_client.embed_queries(["protein"])
-    call(server.http_url + "/v1/embeddings", "POST", {"input": "protein"})
-    call(server.http_url + "/v1/embeddings", "POST", {"input": ""})
+    call(server.http_url + "/v1/embeddings", "POST", {"input": "protein", "input_type": "query"})
+    call(server.http_url + "/v1/embeddings", "POST", {"input": "", "input_type": "query"})
     exposition = generate_latest(server.server.metrics.registry).decode()
     for series in (
         'scholarembed_request_duration_seconds_count{code="OK",door="grpc",rpc="Embed"}',
@@ -383,9 +508,34 @@ def test_every_answer_carries_the_request_id_back(server) -> None:
     """The caller's x-request-id comes back as a response header, success or error; one is made up and
     returned when the caller sends none, so a failure can be quoted and found in the server's logs."""
     url = server.http_url + "/v1/embeddings"
-    status, headers, _ = call(url, "POST", {"input": "protein"}, headers={"x-request-id": "trace-http-7"})
+    body = {"input": "protein", "input_type": "query"}
+    status, headers, _ = call(url, "POST", body, headers={"x-request-id": "trace-http-7"})
     assert (status, headers["x-request-id"]) == (200, "trace-http-7")
-    status, headers, _ = call(url, "POST", {"input": ""}, headers={"x-request-id": "trace-http-8"})
+    status, headers, _ = call(url, "POST", {**body, "input": ""}, headers={"x-request-id": "trace-http-8"})
     assert (status, headers["x-request-id"]) == (400, "trace-http-8")
-    status, headers, _ = call(url, "POST", {"input": "protein"})
+    status, headers, _ = call(url, "POST", body)
     assert status == 200 and re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"])
+
+
+async def test_the_doors_connections_send_without_waiting_for_acks() -> None:
+    """TCP_NODELAY on every accepted connection (asyncio sets it only on sockets that name IPPROTO_TCP):
+    without it, each kept-alive request waited ~40 ms for the client's delayed ACK."""
+    from scholarembed_server.http.server import listening_socket
+
+    accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)  # type: ignore[arg-type]
+
+    listener = listening_socket("127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Accept, sock=listener)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        transport = await asyncio.wait_for(accepted, 30)
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()

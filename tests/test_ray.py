@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray  # the `ray` extra, which `make install` installs: its absence is a failure, not a skip
+from conftest import TINY_MATRYOSHKA, wait_for
+from reference import ModelCard, card_passage, cosine
+from scifact_subset import SCIFACT, write_subset
 
-ray = pytest.importorskip("ray")
-
-from conftest import TINY_MATRYOSHKA  # noqa: E402
-from scifact_subset import SCIFACT, write_subset  # noqa: E402
-
-from scholarembed import Client  # noqa: E402
-from scholarembed_server.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
-from scholarembed_server.index.base import IndexKind, VectorStorage  # noqa: E402
-from scholarembed_server.index.embedded import DataDirInUseError, EmbeddedIndex  # noqa: E402
-from scholarembed_server.model.prompts import InputType  # noqa: E402
-from scholarembed_server.ray import (  # noqa: E402
-    CorpusError,
-    EngineSpec,
-    FleetSpec,
-    ShardsError,
-    embed_corpus,
-    load_shards,
-)
-from scholarembed_server.ray.shards import MANIFEST, completed_shards, read_shard, vector_column  # noqa: E402
+from scholarembed import Client, ResourceExhaustedError, UnavailableError, errors
+from scholarembed_server.config import ServerConfig
+from scholarembed_server.errors import FailedPreconditionError, InvalidArgumentError
+from scholarembed_server.index.base import IndexKind, VectorStorage
+from scholarembed_server.index.embedded import DataDirInUseError, EmbeddedIndex
+from scholarembed_server.model.prompts import InputType
+from scholarembed_server.ray import CorpusError, FleetSpec, ShardsError, embed_corpus, load_shards
+from scholarembed_server.ray.encode import retryable
+from scholarembed_server.ray.shards import MANIFEST, TEMPORARY_PREFIX, completed_shards, read_shard
 
 ROWS = 90
 DIMS = tuple(int(d) for d in TINY_MATRYOSHKA.split(","))
-ACTOR = {"actors": 1, "cpus_per_actor": 0.5, "progress": False}
+ACTOR = {"input_type": "passage", "actors": 1, "cpus_per_actor": 0.5, "progress": False}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,12 +72,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spec(tiny_model_dir: Path) -> EngineSpec:
-    return EngineSpec(str(tiny_model_dir), matryoshka_dims=DIMS)
+def spec(tiny_model_dir: Path) -> ServerConfig:
+    """serve's settings for the tiny model: what the actors load."""
+    return ServerConfig(model=str(tiny_model_dir), matryoshka_dims=TINY_MATRYOSHKA)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, spec: EngineSpec) -> Path:
+def shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, spec: ServerConfig) -> Path:
     """One complete run over the corpus at full dimension, float32, in shards of 20 rows (the last of 10)."""
     output = tmp_path_factory.mktemp("run") / "shards"
     summary = embed_corpus(str(corpus), str(output), engine=spec, rows_per_shard=20, **ACTOR)
@@ -99,18 +93,14 @@ def all_rows(output: Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     return [i for f in files for i in f.ids], np.concatenate([f.vectors for f in files]), files[0].metadata
 
 
-def test_ray_vectors_equal_the_in_process_engine_with_every_id_once(shards: Path, tiny_engine: Any) -> None:
+def test_ray_vectors_are_the_model_cards_with_every_id_once(shards: Path, tiny_model_dir: Path) -> None:
     ids, vectors, metadata = all_rows(shards)
-    records = corpus_records()
-    assert sorted(ids) == sorted(r["_id"] for r in records) and len(set(ids)) == len(ids) == ROWS
-    expected = tiny_engine.encode(
-        [r["text"] for r in records], InputType.PASSAGE, titles=[r["title"] for r in records]
-    ).vectors
-    position = {r["_id"]: n for n, r in enumerate(records)}
-    expected = expected[[position[i] for i in ids]]
-    cosines = np.sum(vectors * expected, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(expected, axis=1)
-    assert cosines.min() >= 0.99999
-    assert metadata["model"] == tiny_engine.model_id and metadata["model_source"] == tiny_engine.model.source
+    records = {r["_id"]: r for r in corpus_records()}
+    assert sorted(ids) == sorted(records) and len(set(ids)) == len(ids) == ROWS
+    card = ModelCard(tiny_model_dir, max_length=128)
+    expected = [card.embed(card_passage(records[i]["text"], records[i]["title"])) for i in ids]
+    assert cosine(vectors, expected).min() >= 0.99999
+    assert metadata["model_source"] == str(tiny_model_dir)
     assert (metadata["dimensions"], metadata["encoding"], metadata["input_type"]) == (64, "float32", "passage")
     assert "title: {title} | text: {text}" in metadata["prompt"]
     table = pq.read_table(shards / f"{sorted(completed_shards(str(shards)))[0]}.parquet")
@@ -118,13 +108,29 @@ def test_ray_vectors_equal_the_in_process_engine_with_every_id_once(shards: Path
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 64)
 
 
-def test_a_rerun_of_a_complete_run_embeds_nothing(shards: Path, corpus: Path, spec: EngineSpec) -> None:
+def test_shard_names_do_not_depend_on_the_input_files_names(tmp_path: Path, spec: ServerConfig) -> None:
+    """Inputs named like the output folder's own files (a leftover temporary, a hidden file) are shards like
+    any other: counted complete, never deleted, and a rerun finds nothing to do."""
+    inputs = [
+        write_jsonl(tmp_path / f"{TEMPORARY_PREFIX}abstracts.jsonl", corpus_records(7)),
+        write_jsonl(tmp_path / "_manifest.jsonl", corpus_records(5)),
+    ]
+    output = tmp_path / "out"
+    summary = embed_corpus([str(path) for path in inputs], str(output), engine=spec, rows_per_shard=4, **ACTOR)
+    assert (summary.shards_written, summary.shards_total) == (4, 4)
+    assert sorted(completed_shards(str(output))) == [f"shard-{n:08d}" for n in range(4)]
+    rerun = embed_corpus([str(path) for path in inputs], str(output), engine=spec, rows_per_shard=4, **ACTOR)
+    assert (rerun.shards_written, rerun.shards_skipped) == (0, 4)
+    assert len(all_rows(output)[0]) == 12
+
+
+def test_a_rerun_of_a_complete_run_embeds_nothing(shards: Path, corpus: Path, spec: ServerConfig) -> None:
     summary = embed_corpus(str(corpus), str(shards), engine=spec, rows_per_shard=20, **ACTOR)
     assert (summary.rows, summary.shards_written, summary.shards_skipped) == (0, 0, 5)
 
 
 def test_a_killed_actor_is_replaced_and_the_output_is_complete_exactly_once(
-    tmp_path: Path, corpus: Path, spec: EngineSpec
+    tmp_path: Path, corpus: Path, spec: ServerConfig
 ) -> None:
     at_kill: list[int] = []
 
@@ -144,17 +150,20 @@ def test_a_killed_actor_is_replaced_and_the_output_is_complete_exactly_once(
 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_shards(
-    tmp_path: Path, corpus: Path, spec: EngineSpec
+    tmp_path: Path, corpus: Path, spec: ServerConfig
 ) -> None:
     output = tmp_path / "out"
+    actors: set[int] = set()
 
     def interrupt_after_two(row: dict[str, Any]) -> None:
+        actors.add(int(row["pid"]))
         if len(completed_shards(str(output))) >= 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         embed_corpus(str(corpus), str(output), engine=spec, rows_per_shard=6, on_shard=interrupt_after_two, **ACTOR)
-    time.sleep(1)  # let a shard that was in flight finish or die
+    # embed_corpus stops the run's actors as it leaves: once their process is gone, no shard can appear.
+    wait_for(lambda: not any(alive(pid) for pid in actors), message="an interrupted run's actor lives on")
     before = {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")}
     assert 2 <= len(before) < 15
     summary = embed_corpus(str(corpus), str(output), engine=spec, rows_per_shard=6, **ACTOR)
@@ -162,6 +171,14 @@ def test_an_interrupted_run_resumes_without_redoing_finished_shards(
     assert {name: (output / name).stat().st_mtime_ns for name in before} == before  # untouched
     ids, _, _ = all_rows(output)
     assert sorted(ids) == sorted(r["_id"] for r in corpus_records()) and len(ids) == ROWS
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def search_ids(address: str, queries: list[str]) -> list[list[tuple[str, float]]]:
@@ -225,7 +242,7 @@ def nothing_written(output: Path) -> bool:
     return not output.exists() or not [p for p in output.iterdir() if p.suffix == ".parquet"]
 
 
-def test_a_missing_column_is_named_before_anything_is_written(tmp_path: Path, spec: EngineSpec) -> None:
+def test_a_missing_column_is_named_before_anything_is_written(tmp_path: Path, spec: ServerConfig) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "a", "body": "no text field"}])
     with pytest.raises(CorpusError, match=r"c\.jsonl:1: no 'text' field"):
         embed_corpus(str(corpus), str(tmp_path / "out"), engine=spec, **ACTOR)
@@ -236,19 +253,19 @@ def test_a_missing_column_is_named_before_anything_is_written(tmp_path: Path, sp
     assert nothing_written(tmp_path / "out") and not (tmp_path / "out" / MANIFEST).exists()
 
 
-def test_a_bad_record_mid_run_fails_its_shard_and_the_run_cannot_be_loaded(tmp_path: Path, spec: EngineSpec) -> None:
+def test_a_bad_record_mid_run_fails_its_shard_and_the_run_cannot_be_loaded(tmp_path: Path, spec: ServerConfig) -> None:
     records = corpus_records(30)
     del records[25]["text"]
     corpus = write_jsonl(tmp_path / "c.jsonl", records)
     output = tmp_path / "out"
-    with pytest.raises(CorpusError, match=r"c\.jsonl record 26: no 'text' field"):
+    with pytest.raises(CorpusError, match=r"c\.jsonl:26: no 'text' field"):
         embed_corpus(str(corpus), str(output), engine=spec, rows_per_shard=10, **ACTOR)
-    assert not any(name.endswith("000000000020") for name in completed_shards(str(output)))
+    assert "shard-00000002" not in completed_shards(str(output))
     with pytest.raises(ShardsError, match="incomplete"):
         load_shards(str(output), "papers", EmbeddedIndex(tmp_path / "data"), progress=False)
 
 
-def test_an_unreadable_file_is_refused(tmp_path: Path, spec: EngineSpec) -> None:
+def test_an_unreadable_file_is_refused(tmp_path: Path, spec: ServerConfig) -> None:
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(CorpusError, match="cannot be read as Parquet"):
         embed_corpus(str(tmp_path / "broken.parquet"), str(tmp_path / "out"), engine=spec, **ACTOR)
@@ -267,7 +284,7 @@ def test_an_unreadable_file_is_refused(tmp_path: Path, spec: EngineSpec) -> None
 
 
 def test_a_dimension_that_is_not_matryoshka_is_refused_with_the_servers_words(
-    tmp_path: Path, corpus: Path, spec: EngineSpec
+    tmp_path: Path, corpus: Path, spec: ServerConfig
 ) -> None:
     with pytest.raises(InvalidArgumentError, match=r"dimensions: 48 is not one of \[64, 32, 16\]"):
         embed_corpus(str(corpus), str(tmp_path / "out"), engine=spec, dimensions=48, **ACTOR)
@@ -285,7 +302,7 @@ def test_a_collection_of_another_model_is_refused_and_left_as_it_was(tmp_path: P
     store.close()
 
 
-def test_a_rerun_with_other_settings_is_refused(tmp_path: Path, shards: Path, corpus: Path, spec: EngineSpec) -> None:
+def test_a_rerun_with_other_settings_is_refused(tmp_path: Path, shards: Path, corpus: Path, spec: ServerConfig) -> None:
     with pytest.raises(ShardsError, match="holds a run with other inputs or settings"):
         embed_corpus(str(corpus), str(shards), engine=spec, rows_per_shard=20, dimensions=32, **ACTOR)
 
@@ -317,13 +334,53 @@ def test_a_data_dir_held_by_another_process_is_refused(tmp_path: Path) -> None:
         holder.wait()
 
 
-def test_vector_encodings_round_trip() -> None:
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((5, 16)).astype(np.float32)
-    assert vector_column(vectors, "float16").type == pa.list_(pa.float16(), 16)
-    packed = vector_column(vectors, "binary")
-    assert packed.type == pa.binary(2)
-    assert packed[0].as_py() == np.packbits(vectors[0] > 0).tobytes()
+def test_an_empty_text_fails_its_shard_naming_the_record_in_the_servers_words(
+    tmp_path: Path, spec: ServerConfig
+) -> None:
+    records = corpus_records(8)
+    records[5]["text"] = "  "
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    with pytest.raises(CorpusError, match=r"c\.jsonl:6: must not be empty or whitespace only"):
+        embed_corpus(str(corpus), str(tmp_path / "out"), engine=spec, **ACTOR)
+
+
+def test_load_validates_passages_as_upserts_do_naming_the_record(tmp_path: Path, spec: ServerConfig) -> None:
+    """A corpus with an id twice in one batch is refused as UpsertPassages refuses it, naming the record,
+    not turned into a database error; nothing of that batch is stored."""
+    records = corpus_records(6)
+    records[4]["_id"] = records[1]["_id"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    embed_corpus(str(corpus), str(tmp_path / "out"), engine=spec, **ACTOR)
+    store = EmbeddedIndex(tmp_path / "data")
+    try:
+        with pytest.raises(CorpusError, match=r"c\.jsonl:5: id: duplicate id 'doc-1'") as refused:
+            load_shards(str(tmp_path / "out"), "papers", store, progress=False)
+        assert refused.value.code.name == "INVALID_ARGUMENT"
+        assert store.get_collection("papers").passage_count == 0
+    finally:
+        store.close()
+
+
+def test_the_fleet_retries_only_what_can_succeed() -> None:
+    """A full queue (RESOURCE_EXHAUSTED with the server's retry delay) and an unavailable server are retried;
+    a message or text too large for the server (RESOURCE_EXHAUSTED without one) and bad input are not."""
+    from google.protobuf import duration_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+    def error(code: int, delay: float | None = None) -> Exception:
+        status = status_pb2.Status(code=code, message="from the server")
+        if delay is not None:
+            retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(delay * 1e9)))
+            status.details.add().Pack(retry)
+        return errors.from_status(status)
+
+    full_queue = error(code_pb2.RESOURCE_EXHAUSTED, delay=0.5)
+    too_large = error(code_pb2.RESOURCE_EXHAUSTED)
+    assert isinstance(full_queue, ResourceExhaustedError) and isinstance(too_large, ResourceExhaustedError)
+    assert retryable(full_queue) and retryable(error(code_pb2.UNAVAILABLE))
+    assert isinstance(error(code_pb2.UNAVAILABLE), UnavailableError)
+    assert not retryable(too_large)
+    assert not retryable(error(code_pb2.INVALID_ARGUMENT)) and not retryable(error(code_pb2.INTERNAL))
 
 
 # -- the CLI, end to end, on SciFact with the real MiniLM ------------------------------------------------------
@@ -343,7 +400,8 @@ def test_cli_embed_with_ray_then_load_then_eval_reproduces_the_reference_on_a_sc
     cli = [sys.executable, "-m", "scholarembed_server", "--log-level", "WARNING"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # this module's cluster
     subprocess.run(
-        [*cli, "embed", "--engine", "ray", "--model", str(minilm_dir), "--input", str(subset / "corpus.jsonl"),
+        [*cli, "embed", "--engine", "ray", "--model", str(minilm_dir), "--type", "passage",
+         "--input", str(subset / "corpus.jsonl"),
          "--output", str(tmp_path / "shards"), "--rows-per-shard", "300", "--actors", "1", "--cpus-per-actor", "1",
          "--no-progress"],
         check=True, timeout=600, env=env,
@@ -372,10 +430,10 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path, tiny_model_dir: Path)
     corpus = write_jsonl(tmp_path / "c.jsonl", corpus_records(3))
     result = subprocess.run(
         [sys.executable, "-m", "scholarembed_server", "embed", "--engine", "ray", "--model", str(tiny_model_dir),
-         "--matryoshka-dims", TINY_MATRYOSHKA, "--dimensions", "48", "--input", str(corpus),
+         "--matryoshka-dims", TINY_MATRYOSHKA, "--dimensions", "48", "--type", "passage", "--input", str(corpus),
          "--output", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "error: dimensions: 48 is not one of [64, 32, 16]" in result.stderr
+    assert result.returncode == 1
+    assert "scholarembed embed: error: INVALID_ARGUMENT: dimensions: 48 is not one of [64, 32, 16]" in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,10 +8,11 @@ model_repository/. Switching backend is choosing a constructor:
     with TritonClient("127.0.0.1:8001") as client:      # instead of Client("127.0.0.1:50051")
         queries = client.embed_queries(["graphene band gap under strain"], dimensions=256)
 
-The methods, arguments, results and exceptions are Client's and AsyncClient's. What the Triton model
-does not report: `EmbedResult.token_counts` and `.truncated` are empty and `.total_tokens` is 0; only
-float32 vectors and end truncation are served. tritonclient is the optional extra `triton`
-(`pip install 'scholarembed[triton]'`), imported when a Triton client is created.
+The methods, arguments, results and exceptions are Client's and AsyncClient's; the model validates
+each request as the gRPC server does and names the same fields. What the Triton model cannot serve:
+float16 and binary vectors (its output is float32), refused with InvalidArgumentError naming
+`encoding`; `EmbedResult.model` is the Triton model's name. tritonclient is the optional extra
+`triton` (`pip install 'scholarembed[triton]'`), imported when a Triton client is created.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from ._client import (
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 DEFAULT_MODEL = "scholarembed"
-_OUTPUT = "EMBEDDING"
-# Fields named in the model's INVALID_ARG messages ("field: description"), as Client's fields.
-_MODEL_FIELD = re.compile(r"^(TEXT\[(\d+)\]|input_type|dimensions|title|parameters): (.*)$", re.DOTALL)
+_OUTPUTS = ("EMBEDDING", "TOKEN_COUNT", "TRUNCATED")
+# The model's errors start with the field at fault, in its words: an input (TEXT[i], TITLE[i]) or a parameter.
+_MODEL_FIELD = re.compile(r"^(TEXT|TITLE|[a-z_]+)(?:\[(\d+)\])?: (.*)$", re.DOTALL)
+_FIELDS = {"TEXT": "texts", "TITLE": "titles"}
 
 
 def _tritonclient_grpc(aio: bool) -> Any:
@@ -69,10 +71,11 @@ def _invalid(field: str, description: str) -> errors.ScholarEmbedError:
 
 @dataclass(frozen=True)
 class _Part:
-    """One inference request: some of the caller's texts (at `indices`) sharing the same parameters."""
+    """One inference request: some of the caller's texts (at `indices`), with their titles if any."""
 
     indices: list[int]
     texts: list[str]
+    titles: list[str] | None
     parameters: dict[str, Any]
 
 
@@ -85,47 +88,42 @@ def _plan(
     truncation: Truncation | str | None,
     max_rows: int,
 ) -> list[_Part]:
-    """Split a call into requests of at most `max_rows` texts; a title is per request, so one title each."""
+    """Split a call into requests of at most `max_rows` texts. The model validates everything else; only
+    what a split needs is checked here: some texts, and one title per text (a TITLE row per TEXT row)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
-    kind = _enum(InputType, input_type)
-    if _enum(Encoding, encoding) is not Encoding.FLOAT32:
-        raise _invalid("encoding", "the Triton model serves float32 vectors only")
-    if truncation is not None and _enum(Truncation, truncation) is not Truncation.END:
-        raise _invalid("truncation", "the Triton model truncates at the end only")
     if not texts:
         raise _invalid("texts", "must contain at least one text")
-    if titles and kind is not InputType.PASSAGE:
-        raise _invalid("titles", "titles are only allowed with input type passage")
     if titles and len(titles) != len(texts):
         raise _invalid("titles", f"{len(titles)} titles for {len(texts)} texts; give one per text or none")
-
-    by_title: dict[str, list[int]] = {}
-    for index in range(len(texts)):
-        by_title.setdefault(titles[index] if titles else "", []).append(index)
+    parameters: dict[str, Any] = {
+        "input_type": _enum(InputType, input_type).name.lower(),
+        "dimensions": dimensions or 0,
+        "encoding": _enum(Encoding, encoding).name.lower(),
+    }
+    if truncation is not None:
+        parameters["truncation"] = _enum(Truncation, truncation).name.lower()
     parts = []
-    for title, indices in by_title.items():
-        parameters: dict[str, Any] = {"input_type": kind.name.lower(), "dimensions": dimensions or 0}
-        if title:
-            parameters["title"] = title
-        for start in range(0, len(indices), max_rows):
-            chunk = indices[start : start + max_rows]
-            parts.append(_Part(chunk, [texts[i] for i in chunk], parameters))
+    for start in range(0, len(texts), max_rows):
+        indices = list(range(start, min(start + max_rows, len(texts))))
+        parts.append(
+            _Part(indices, [texts[i] for i in indices], [titles[i] for i in indices] if titles else None, parameters)
+        )
     return parts
 
 
 def _error(error: Exception, part: _Part | None = None) -> errors.ScholarEmbedError:
-    """Map a tritonclient InferenceServerException to the client's typed exception."""
+    """Map a tritonclient InferenceServerException to the client's typed exception, naming the field as
+    the gRPC server would (TEXT[i] of a request is texts[j] of the call)."""
     status_name = str(getattr(error, "status", lambda: None)() or "")
     message_of = getattr(error, "message", None)
     message = str(message_of() if callable(message_of) else error)
     code = getattr(grpc.StatusCode, status_name.removeprefix("StatusCode."), grpc.StatusCode.UNKNOWN)
     if code is grpc.StatusCode.INVALID_ARGUMENT and (match := _MODEL_FIELD.match(message)):
-        field, row, description = match.groups()
+        name, row, description = match.groups()
+        field = _FIELDS.get(name, name)
         if row is not None and part is not None and int(row) < len(part.indices):
-            field = f"texts[{part.indices[int(row)]}]"
-        elif field == "title":
-            field = "titles"
+            field = f"{field}[{part.indices[int(row)]}]"
         return _invalid(field, description)
     return errors.from_status(status_pb2.Status(code=code.value[0], message=message))
 
@@ -168,45 +166,50 @@ class _TritonOptions:
         return max(1, int(config["config"].get("max_batch_size", 1)))
 
     def inputs(self, module: Any, part: _Part) -> list[Any]:
-        text = module.InferInput("TEXT", [len(part.texts), 1], "BYTES")
-        text.set_data_from_numpy(np.array([t.encode("utf-8") for t in part.texts], dtype=np.object_).reshape(-1, 1))
-        return [text]
+        tensors = []
+        for name, values in (("TEXT", part.texts), ("TITLE", part.titles)):
+            if values is not None:
+                tensor = module.InferInput(name, [len(values), 1], "BYTES")
+                tensor.set_data_from_numpy(
+                    np.array([v.encode("utf-8") for v in values], dtype=np.object_).reshape(-1, 1)
+                )
+                tensors.append(tensor)
+        return tensors
 
     def infer_arguments(self, module: Any, part: _Part, timeout: float | None) -> dict[str, Any]:
         return {
             "model_name": self.model,
             "inputs": self.inputs(module, part),
-            "outputs": [module.InferRequestedOutput(_OUTPUT)],
+            "outputs": [module.InferRequestedOutput(name) for name in _OUTPUTS],
             "parameters": part.parameters,
             "client_timeout": timeout if timeout is not None else self.timeout,
             "headers": self.headers,
         }
 
-    def result(self, count: int, parts: list[_Part], outcomes: list[Any]) -> EmbedResult:
+    def result(self, parts: list[_Part], outcomes: list[Any]) -> EmbedResult:
         """Vectors in the caller's order; the first failed request (in input order) raises."""
         for part, outcome in zip(parts, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise _error(outcome, part) if isinstance(outcome, Exception) else outcome
-        arrays = [outcome.as_numpy(_OUTPUT) for outcome in outcomes]
-        vectors = np.empty((count, arrays[0].shape[1]), dtype=np.float32)
-        for part, array in zip(parts, arrays, strict=True):
-            vectors[part.indices] = array
+        embeddings, token_counts, truncated = ([outcome.as_numpy(name) for outcome in outcomes] for name in _OUTPUTS)
+        vectors = np.concatenate(embeddings)  # parts hold consecutive texts, in order
+        counts = [int(c) for c in np.concatenate(token_counts).reshape(-1)]
         return EmbedResult(
             vectors=vectors,
-            token_counts=[],
-            truncated=[],
+            token_counts=counts,
+            truncated=[bool(t) for t in np.concatenate(truncated).reshape(-1)],
             dimensions=vectors.shape[1],
             encoding=Encoding.FLOAT32,
             model=self.model,
-            total_tokens=0,
+            total_tokens=sum(counts),
         )
 
 
 class TritonClient(EmbedHelpers):
     """Blocking client for the Triton model; Client's embedding methods. Use as a context manager, or close().
 
-    A call's texts go out as concurrent requests of at most the model's max_batch_size texts (one
-    request per distinct passage title), which Triton's dynamic batcher merges with everyone else's.
+    A call's texts go out as concurrent requests of at most the model's max_batch_size texts, which
+    Triton's dynamic batcher merges with everyone else's.
     """
 
     def __init__(
@@ -286,7 +289,7 @@ class TritonClient(EmbedHelpers):
                 self._client.async_infer(callback=settle, **self._options.infer_arguments(self._module, part, timeout))
             except Exception as error:
                 future.set_result(error)
-        return self._options.result(len(texts), parts, [future.result() for future in futures])
+        return self._options.result(parts, [future.result() for future in futures])
 
 
 class AsyncTritonClient(AsyncEmbedHelpers):
@@ -363,4 +366,4 @@ class AsyncTritonClient(AsyncEmbedHelpers):
             *(self._client.infer(**self._options.infer_arguments(self._module, part, timeout)) for part in parts),
             return_exceptions=True,
         )
-        return self._options.result(len(texts), parts, list(outcomes))
+        return self._options.result(parts, list(outcomes))

@@ -17,6 +17,7 @@ import logging
 import shlex
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,18 +126,73 @@ def with_buckets(engine: EmbeddingEngine, config: ServerConfig) -> EmbeddingEngi
     )
 
 
+@dataclasses.dataclass
+class EmbeddingPath:
+    """The engine in the shape serve's settings ask for, with the batcher and embedder over it: what every
+    door that embeds shares, the server's and the in-process ones' (Triton, the CLI, Ray) alike."""
+
+    config: ServerConfig  # with the batch-token budget sized for the engine's device
+    engine: EmbeddingEngine
+    serving: ServingState
+    batcher: Batcher
+    embedder: TextEmbedder
+
+    @classmethod
+    def build(
+        cls,
+        config: ServerConfig,
+        engine: EmbeddingEngine,
+        *,
+        metrics: Metrics | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> EmbeddingPath:
+        """`on_fatal(cause)` hears a fatal failure of the batcher (see `lifecycle`); by default the path is
+        only marked broken, so that its calls answer UNAVAILABLE."""
+        config = dataclasses.replace(
+            config, max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.model.device.type)
+        )
+        engine = with_buckets(engine, config)
+        serving = ServingState()
+        batcher = Batcher(
+            engine,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue_tokens=config.max_queue_tokens,
+            max_wait_s=config.max_wait_ms / 1000,
+            metrics=metrics,
+            forward_timeout_s=config.forward_timeout_s,
+            on_fatal=on_fatal or serving.break_down,
+        )
+        return cls(config, engine, serving, batcher, TextEmbedder(engine, batcher, config, serving))
+
+    async def start(self) -> None:
+        """Start the batcher, warm the model up and take calls. Compiling layers, calls are taken once the
+        eager path is warm, and the bucket lengths compile in the background, switching over as they are
+        ready."""
+        self.batcher.start()
+        serve_early = self.engine.runner.compiler is not None
+        await self.batcher.warmup(compile=not serve_early)
+        self.serving.serve()
+        if serve_early:
+            self.batcher.compile_in_background()
+
+    async def close(self) -> None:
+        """Finish what is queued and stop the batcher's and the embedder's threads."""
+        await self.batcher.close()
+        self.embedder.close()
+
+
 class EmbeddingServer:
     """A running scholarembed server. Build it with `create_server`."""
 
     def __init__(self, config: ServerConfig, engine: EmbeddingEngine) -> None:
-        config = dataclasses.replace(
-            config, max_batch_tokens=batch_token_budget(config.max_batch_tokens, engine.model.device.type)
-        )
-        self.config = config
-        self.engine = engine = with_buckets(engine, config)
         self.metrics = Metrics()
+        self.path = EmbeddingPath.build(config, engine, metrics=self.metrics, on_fatal=self._on_fatal)
+        self.config = config = self.path.config
+        self.engine = engine = self.path.engine
+        self.serving = self.path.serving
+        self.batcher = self.path.batcher
+        self.embedder = self.path.embedder
         self.health = health_aio.HealthServicer()
-        self.serving = ServingState()
         tokens = config.auth_tokens()
         self.server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(tokens, open_probes=config.auth_open_probes)] if tokens else [],
@@ -157,16 +213,6 @@ class EmbeddingServer:
             ],
         )  # No maximum_concurrent_rpcs: `CallGate` limits calls, with a retry hint and without refusing probes.
         self.credentials = server_credentials(config)
-        self.batcher = Batcher(
-            engine,
-            max_batch_tokens=config.max_batch_tokens,
-            max_queue_tokens=config.max_queue_tokens,
-            max_wait_s=config.max_wait_ms / 1000,
-            metrics=self.metrics,
-            forward_timeout_s=config.forward_timeout_s,
-            on_fatal=self._on_fatal,
-        )
-        self.embedder = TextEmbedder(engine, self.batcher, config, self.serving)
         gate = CallGate(self.serving, config.max_concurrent_rpcs, self.metrics)
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(self.embedder, config, self.metrics, gate), self.server
@@ -220,14 +266,8 @@ class EmbeddingServer:
                 self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
             except OSError as error:
                 raise port_error(self.config, "metrics_port", error.strerror or str(error)) from error
-        self.batcher.start()
-        # Compiling layers: SERVING once the eager path is warm; lengths switch to compiled as they become ready.
-        serve_early = self.engine.runner.compiler is not None
-        await self.batcher.warmup(compile=not serve_early)
-        self.serving.serve()
+        await self.path.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        if serve_early:
-            self.batcher.compile_in_background()
         if self.config.port_file:
             Path(self.config.port_file).write_text(str(self.port))
         log.info("%s", self.banner())
@@ -269,8 +309,7 @@ class EmbeddingServer:
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_s if grace is None else grace
         await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
-        await self.batcher.close()
-        self.embedder.close()
+        await self.path.close()
         if self.searcher is not None:
             await self.searcher.close()
         if self.index is not None:

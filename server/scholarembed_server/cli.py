@@ -15,16 +15,20 @@ import logging
 import os
 import shlex
 import sys
+from collections import deque
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, add_arguments, from_arguments, missing_extra
 
-StreamItem = str | tuple[str, str]
 DEFAULT_SERVER = "127.0.0.1:50051"  # where the client commands look for a server; serve's default address
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_DATA_HOME/scholarembed (~/.local/share/scholarembed). --no-http, --no-metrics and --no-index turn "
         "parts off.",
     )
+    from .names import ENCODING_NAMES, INPUT_TYPE_NAMES, TRUNCATION_NAMES
+
     add_arguments(serve)
 
     compile_ahead = commands.add_parser(
@@ -63,18 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
         "files, a folder of them, or a pyarrow URI (s3://...)",
     )
     embed.add_argument(
-        "--output", required=True, help="output .npy file, (n, dimensions) float32; with --engine ray: a folder or URI"
+        "--output",
+        required=True,
+        help="output .npy file: (n, dimensions) float32 or float16, or (n, dimensions / 8) uint8 packed bits "
+        "for --encoding binary; with --engine ray: a folder or URI",
     )
-    embed.add_argument("--type", default="passage", choices=["query", "passage", "raw"], help="input type")
+    embed.add_argument(
+        "--type",
+        required=True,
+        choices=list(INPUT_TYPE_NAMES),
+        help="how the texts are prompted; required: the model is asymmetric, so there is no default",
+    )
     embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka dimension; 0 = full size")
+    embed.add_argument("--encoding", default="float32", choices=list(ENCODING_NAMES), help="vector layout")
+    embed.add_argument(
+        "--truncation",
+        default="end",
+        choices=list(TRUNCATION_NAMES),
+        help="a text over max_tokens: cut at the end (default) or refuse it (not with --server yet)",
+    )
     embed.add_argument("--text-field", default="text", help="JSONL field holding the text")
     embed.add_argument("--title-field", default="title", help="JSONL field holding the title (passages)")
     embed.add_argument("--batch-size", type=int, default=64, help="texts per request")
     source = embed.add_mutually_exclusive_group()
     source.add_argument("--server", default=DEFAULT_SERVER, help="server address (default)")
     source.add_argument("--model", help="run in-process with this model (hub id or folder) instead of a server")
-    embed.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_arguments(
+        embed.add_argument_group("with --model: the engine settings of `serve`, with the same defaults"),
+        only=ENGINE_SETTINGS,
+    )
     from .ray.cli import add_embed_arguments, add_load_command
 
     add_embed_arguments(embed)
@@ -134,12 +158,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from scholarembed.errors import ScholarEmbedError as CallError
 
+    from .errors import ScholarEmbedError
+
     try:
         return run_command(args)
-    except CallError as error:
-        # The server refused a call (an unknown collection, bad input, unavailable): one line, no traceback.
-        print(f"scholarembed {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    except (CallError, ScholarEmbedError, ValueError, OSError) as error:
+        # A refused call (an unknown collection, bad input, unavailable), a bad record or setting of an
+        # in-process run, an unwritable output: one line, no traceback.
+        print(f"scholarembed {args.command}: error: {' '.join(error_line(error).split())}", file=sys.stderr)
         return 1
+
+
+def error_line(error: BaseException) -> str:
+    """The code and the message: "INVALID_ARGUMENT: corpus.jsonl:3: must not be empty or whitespace only"."""
+    from .errors import ScholarEmbedError
+
+    if isinstance(error, ScholarEmbedError):  # raised in this process; a server's errors say their code already
+        return f"{error.code.name}: {error}"
+    return str(error)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -211,24 +247,15 @@ def serve_or_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_corpus(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                record = json.loads(line)
-                record.setdefault("id", record.get("_id"))
-                yield record
-
-
 def index_corpus(args: argparse.Namespace) -> int:
     """Upsert what the collection lacks. Already-stored ids are skipped, so an interrupted run resumes."""
-    from itertools import islice
-
     from tqdm import tqdm
 
-    from scholarembed import Client, NotFoundError
+    from scholarembed import Client, NotFoundError, Passage
 
-    total = count_items(args.corpus)
+    from .corpus import count_records, read_file
+
+    total = count_records(args.corpus)
     with Client(args.server, timeout=None) as client:
         try:
             client.get_collection(args.collection)
@@ -237,14 +264,14 @@ def index_corpus(args: argparse.Namespace) -> int:
             exists = False
         progress = tqdm(total=total, unit="passage", disable=args.no_progress, file=sys.stderr)
 
-        def missing() -> Iterator[dict[str, Any]]:
-            records = read_corpus(args.corpus)
+        def missing() -> Iterator[Passage]:
+            records = read_file(args.corpus, with_id=True)
             while chunk := list(islice(records, 2000)):
                 stored = (
-                    {p.id for p in client.get_passages(args.collection, [r["id"] for r in chunk])} if exists else set()
+                    {p.id for p in client.get_passages(args.collection, [r.id for r in chunk])} if exists else set()
                 )
                 progress.update(len(stored))
-                yield from (r for r in chunk if r["id"] not in stored)
+                yield from (Passage(r.id, r.text, r.title, r.metadata) for r in chunk if r.id not in stored)
 
         upserted = 0
         for ack in client.upsert_stream(
@@ -283,92 +310,149 @@ def search_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_items(path: Path, input_type: str, text_field: str, title_field: str) -> Iterator[StreamItem]:
-    """Texts (or (title, text) pairs for passages) from a JSONL or plain-text file, lazily."""
-    is_jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if not is_jsonl:
-                yield line.rstrip("\n")
-                continue
-            record: Any = json.loads(line)
-            if isinstance(record, str):
-                yield record
-                continue
-            if text_field not in record:
-                raise SystemExit(f"{path}:{line_number}: no {text_field!r} field")
-            title = str(record.get(title_field) or "") if input_type == "passage" else ""
-            yield (title, str(record[text_field])) if title else str(record[text_field])
+# The engine settings an in-process `embed` takes from serve's flags (--model is embed's own).
+ENGINE_SETTINGS = (
+    "revision", "device", "dtype", "max_tokens", "matryoshka_dims", "max_batch_tokens", "tokenizer_threads",
+    "compile", "compile_mode", "compile_artifacts", "compile_cache_dir", "buckets", "tail", "bucket_row_step",
+    "forward_timeout_s",
+)  # fmt: skip
 
 
-def count_items(path: Path) -> int:
-    with path.open(encoding="utf-8") as lines:
-        return sum(1 for line in lines if line.strip())
+def engine_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig `serve` would build from the same flags: one engine loader for every door."""
+    from .config import ServerConfig
+
+    return ServerConfig(model=args.model, **{name: getattr(args, name) for name in ENGINE_SETTINGS})
 
 
 def embed_file(args: argparse.Namespace) -> int:
     """Write vectors into a preallocated .npy memmap as they arrive: memory stays flat on any corpus size."""
     from tqdm import tqdm
 
-    args.input = Path(args.input)
-    total = count_items(args.input)
-    items = read_items(args.input, args.type, args.text_field, args.title_field)
-    if args.model:
-        dimensions, batches = _embed_in_process(args, items)
-    else:
-        dimensions, batches = _embed_through_server(args, items)
-    output = np.lib.format.open_memmap(args.output, mode="w+", dtype=np.float32, shape=(total, dimensions))
+    from .corpus import Columns, CorpusError, count_records, read_file
+
+    path = Path(args.input)
+    try:
+        total = count_records(path)
+    except OSError as error:
+        raise CorpusError(str(path), f"cannot be read: {error}") from error
+    if not total:
+        raise CorpusError(str(path), "no records")
+    records = read_file(path, Columns(text=args.text_field, title=args.title_field or None))
+    batches = _embed_in_process(args, records) if args.model else _embed_through_server(args, records)
+    output: np.ndarray | None = None
     written = 0
     with tqdm(total=total, unit="text", disable=args.no_progress, file=sys.stderr) as progress:
         for vectors in batches:
+            if output is None:  # the width and dtype are the first answer's: dimensions and encoding resolved
+                output = np.lib.format.open_memmap(
+                    args.output, mode="w+", dtype=vectors.dtype, shape=(total, vectors.shape[1])
+                )
             output[written : written + len(vectors)] = vectors
             written += len(vectors)
             progress.update(len(vectors))
+    assert output is not None
     output.flush()
-    del output
-    print(f"wrote {written} x {dimensions} vectors to {args.output}", file=sys.stderr)
+    print(f"wrote {written} x {output.shape[1]} {output.dtype} vectors to {args.output}", file=sys.stderr)
     return 0
 
 
-def _embed_through_server(args: argparse.Namespace, items: Iterator[StreamItem]) -> tuple[int, Iterator[np.ndarray]]:
-    from scholarembed import Client
+class Batches:
+    """The input cut into requests of --batch-size records. The records of the requests not answered yet
+    are kept (oldest first), so that an error naming `texts[i]` names the record: "corpus.jsonl:17"."""
 
-    client = Client(args.server, timeout=None)
-    info = client.model_info()
-    dimensions = args.dimensions or info.dimensions
+    def __init__(self, records: Iterator[Any], size: int) -> None:
+        self._records = records
+        self._size = size
+        self.unanswered: deque[list[Any]] = deque()
 
-    def batches() -> Iterator[np.ndarray]:
-        with client:
-            yield from client.embed_stream(
-                items, input_type=args.type, dimensions=args.dimensions, batch_size=args.batch_size
+    def __iter__(self) -> Iterator[list[Any]]:
+        while chunk := list(islice(self._records, self._size)):
+            self.unanswered.append(chunk)
+            yield chunk
+
+    def answered(self) -> None:
+        self.unanswered.popleft()
+
+    def refusal(self, field: str, description: str) -> Exception:
+        """The oldest unanswered request's error in this command's words: its record, or its flag."""
+        from .corpus import record_error
+        from .errors import InvalidArgumentError
+
+        return record_error(self.unanswered[0], InvalidArgumentError(field, description), renamed=FLAGS)
+
+
+# EmbedRequest fields as the flags that set them; "texts" is a whole request: --batch-size texts.
+FLAGS = {
+    "texts": "--batch-size", "input_type": "--type", "dimensions": "--dimensions", "encoding": "--encoding",
+    "truncation": "--truncation",
+}  # fmt: skip
+
+
+def _titles(args: argparse.Namespace, chunk: list[Any]) -> list[str]:
+    """Titles belong to passages only (--title-field); the query and raw prompts have no place for one."""
+    titles = [record.title for record in chunk] if args.type == "passage" else []
+    return titles if any(titles) else []
+
+
+def _embed_through_server(args: argparse.Namespace, records: Iterator[Any]) -> Iterator[np.ndarray]:
+    from scholarembed import Client, ScholarEmbedError
+
+    if args.truncation != "end":
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            "--truncation",
+            "error is not available with --server yet (the client's embed_stream sends no truncation): "
+            "use --model or --engine ray",
+        )
+    batches = Batches(records, args.batch_size)
+
+    def items() -> Iterator[str | tuple[str, str]]:
+        for chunk in batches:
+            titles = _titles(args, chunk)
+            yield from (
+                ((title, r.text) for title, r in zip(titles, chunk, strict=True)) if titles else (r.text for r in chunk)
             )
 
-    return dimensions, batches()
+    with Client(args.server, timeout=None) as client:
+        try:
+            for vectors in client.embed_stream(
+                items(), input_type=args.type, dimensions=args.dimensions, encoding=args.encoding,
+                batch_size=args.batch_size,
+            ):  # fmt: skip
+                batches.answered()
+                yield vectors
+        except ScholarEmbedError as error:
+            if error.field_violations:
+                violation = error.field_violations[0]
+                raise batches.refusal(violation.field, violation.description) from None
+            raise
 
 
-def _embed_in_process(args: argparse.Namespace, items: Iterator[StreamItem]) -> tuple[int, Iterator[np.ndarray]]:
-    from .engine import EmbeddingEngine
-    from .model.prompts import InputType
+def _embed_in_process(args: argparse.Namespace, records: Iterator[Any]) -> Iterator[np.ndarray]:
+    """The server's embedding path in this process (`InProcessEmbedder`): its validation, batcher and encodings."""
+    from scholarembed import decode
 
-    engine = EmbeddingEngine.load(args.model, device=args.device)
-    dimensions = engine.check_dimensions(args.dimensions)
-    input_type = InputType(args.type)
-    chunk_size = max(args.batch_size, 1024)  # large chunks let the engine sort by length
+    from .errors import InvalidArgumentError
+    from .inprocess import InProcessEmbedder
+    from .names import named_embed_request
 
-    def batches() -> Iterator[np.ndarray]:
-        from itertools import islice
-
-        while chunk := list(islice(items, chunk_size)):
-            pairs = [("", item) if isinstance(item, str) else item for item in chunk]
-            titles = [title for title, _ in pairs]
-            texts = [text for _, text in pairs]
-            yield engine.encode(
-                texts, input_type, titles=titles if any(titles) else None, dimensions=dimensions
-            ).vectors
-
-    return dimensions, batches()
+    batches = Batches(records, args.batch_size)
+    requests = (
+        named_embed_request(
+            [r.text for r in chunk], input_type=args.type, titles=_titles(args, chunk), dimensions=args.dimensions,
+            encoding=args.encoding, truncation=args.truncation,
+        )
+        for chunk in batches
+    )  # fmt: skip
+    with InProcessEmbedder(engine_config(args)) as embedder:
+        try:
+            for response in embedder.embed_many(requests):
+                batches.answered()
+                yield decode(response).vectors
+        except InvalidArgumentError as error:
+            raise batches.refusal(error.field, error.description) from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,8 +132,10 @@ class ServerConfig:
         None, "port of the HTTP door: the search page, OpenAI /v1/embeddings, /v1/search, /health (0: a free one)"
     )
     http_max_body_bytes: int = _opt(16 * 1024 * 1024, "largest HTTP request body; beyond, 413")
-    http_default_input_type: str = _opt(
-        "passage", "prompt of an HTTP embeddings request that names neither input_type nor a :query/:passage model"
+    http_default_input_type: str | None = _opt(
+        None,
+        "prompt (query, passage or raw) of an HTTP embeddings request that names neither input_type nor a "
+        ":query/:passage model; unset, such a request is refused (400), as on every other door",
     )
     log_format: str = _opt("text", "text or json (one JSON object per line, with request ids)")
     grace_s: float = _opt(20.0, "on SIGTERM, seconds in-flight calls get to finish")
@@ -160,10 +162,13 @@ class ServerConfig:
         return [int(part) for part in str(self.matryoshka_dims).split(",") if part.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServerConfig field, with serve's defaults; SCHOLAREMBED_<FIELD>, if set, replaces a default."""
+def add_arguments(parser: argparse._ActionsContainer, only: Collection[str] | None = None) -> None:
+    """One flag per ServerConfig field (or per field in `only`), with serve's defaults; SCHOLAREMBED_<FIELD>,
+    if set, replaces a default."""
     defaults = serve_defaults()
     for config_field in dataclasses.fields(ServerConfig):
+        if only is not None and config_field.name not in only:
+            continue
         env_name = ENV_PREFIX + config_field.name.upper()
         default = os.environ.get(env_name, defaults.get(config_field.name, config_field.default))
         kind = _field_type(config_field)

@@ -21,6 +21,10 @@ class InvalidArgumentError(ScholarEmbedError):
         self.field = field
         self.description = description
 
+    def __reduce__(self) -> tuple[type[InvalidArgumentError], tuple[str, str]]:
+        # Picklable as itself (Ray carries an actor's error to the driver): rebuilt from field and description.
+        return type(self), (self.field, self.description)
+
 
 class RetryLaterError(ScholarEmbedError):
     """The server is busy: the caller should retry after `retry_after_s` (sent as google.rpc.RetryInfo)."""

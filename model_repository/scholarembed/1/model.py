@@ -1,114 +1,159 @@
-"""Triton Python backend model: a thin door to scholarembed's EmbeddingEngine.
+"""Triton Python backend model: a thin door to scholarembed's embedding path.
 
-`execute` validates every request with the validation every door shares (`validate_embed_request`,
-which also applies the prompts), then groups the valid ones by dimensions: each group is tokenized by
-the engine in one call, the token rows of all groups go through one
-forward pass (`EmbeddingEngine.forward_planned`, split only by the token budget), and each group's
-vectors are cut to its Matryoshka size. Prompting, pooling, normalising and truncation are the
-engine's; nothing here repeats them.
+Each request becomes a `scholarembed.v1.EmbedRequest` (TEXT rows, optional TITLE rows, and the
+parameters input_type, dimensions, truncation and encoding), answered by the server's own path run in
+this process (`InProcessEmbedder`): the same validation and limits (texts and tokens per request), the
+same batcher (token-budget batches, out-of-memory halving: a text that cannot fit alone fails its
+request, the others are answered), prompts, pooling and encodings as the gRPC server. Its settings are
+serve's (`ServerConfig`), from config.pbtxt's parameters and SCHOLAREMBED_<SETTING> variables.
 
-Contract: one response per request, in order. Bad input gets an INVALID_ARG error for that request
-alone. `execute` never raises: in Triton 2.51 a stub whose `execute` raised stays "ready" and fails
-every later request, so anything unexpected becomes an INTERNAL error on the requests it touched.
+`execute` stays synchronous: Triton runs one `execute` at a time per model instance (an `async def
+execute` too, which only a decoupled model, one that cannot answer the plain ModelInfer call, may run
+concurrently). So `execute` hands all of its requests, one dynamic batch, to the batcher at once, on
+the embedder's own event loop, and waits for their answers.
+
+Contract: one response per request, in order. `execute` never raises: in Triton 2.51 a stub whose
+`execute` raised stays "ready" and fails every later request. Errors map to Triton's codes in one
+place, `triton_code`; gRPC codes Triton cannot express are documented there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import traceback
-from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Any
 
+import grpc
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from scholarembed import decode
 from scholarembed.v1 import embedding_pb2
-from scholarembed_server.config import ServerConfig
-from scholarembed_server.embedder import validate_embed_request
-from scholarembed_server.engine import EmbeddingEngine, matryoshka
-from scholarembed_server.errors import InvalidArgumentError
+from scholarembed_server.config import ServerConfig, add_arguments, from_arguments
+from scholarembed_server.names import named_embed_request
+from scholarembed_server.errors import InvalidArgumentError, ScholarEmbedError
+from scholarembed_server.inprocess import InProcessEmbedder
 
 ENV_PREFIX = "SCHOLAREMBED_"
-OUTPUT = "EMBEDDING"
-INPUT_TYPES = {
-    "query": embedding_pb2.INPUT_TYPE_QUERY,
-    "passage": embedding_pb2.INPUT_TYPE_PASSAGE,
-    "raw": embedding_pb2.INPUT_TYPE_RAW,
-}
-MAX_TEXTS_PER_REQUEST = ServerConfig.max_texts_per_request  # the gRPC server's default limit
+PARAMETERS = ("input_type", "dimensions", "truncation", "encoding")
+# EmbedRequest fields in this model's words: its input tensors.
+TRITON_FIELDS = {"texts": "TEXT", "titles": "TITLE"}
 
 
-@dataclass
-class Job:
-    """A validated request: its prompted texts and its output size."""
+def server_config(parameters: dict[str, Any]) -> ServerConfig:
+    """serve's settings: config.pbtxt's parameters (those that name a ServerConfig field), each overridden
+    by SCHOLAREMBED_<FIELD> when that is set (the flags' own environment defaults)."""
+    import argparse
 
-    index: int
-    prompted_texts: list[str]
-    dimensions: int
+    names = {field.name for field in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(parameters) - names)
+    if unknown:  # a misspelt setting would silently keep its default
+        raise ValueError(f"config.pbtxt parameters {unknown} are not settings of serve (ServerConfig fields)")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [
+        f"--{name.replace('_', '-')}={value['string_value']}"
+        for name, value in parameters.items()
+        if value.get("string_value") and not os.environ.get(ENV_PREFIX + name.upper())
+    ]
+    return from_arguments(parser.parse_args(flags))
 
 
-def setting(parameters: dict[str, Any], key: str) -> str:
-    """A config.pbtxt parameter, overridden by SCHOLAREMBED_<KEY> when that is set and not empty."""
-    return os.environ.get(ENV_PREFIX + key.upper()) or parameters.get(key, {}).get("string_value", "")
+def triton_code(code: grpc.StatusCode) -> Any:
+    """The one mapping of this door's errors: a domain error's gRPC code as a Triton error code (which
+    Triton's gRPC frontend turns back into INVALID_ARGUMENT, UNAVAILABLE, ...; its HTTP frontend into
+    400, 503, ...). Triton has no RESOURCE_EXHAUSTED: the one such error a request can meet here is a
+    text too large for the accelerator even alone (the batcher waits for room, so the queue is never
+    "full"), which no retry fixes, so it is INVALID_ARG, its message saying so. FAILED_PRECONDITION and
+    anything else is INTERNAL. (pb_utils.TritonError exists only once the stub runs, so this is no table.)"""
+    error = pb_utils.TritonError
+    return {
+        grpc.StatusCode.INVALID_ARGUMENT: error.INVALID_ARG,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: error.INVALID_ARG,
+        grpc.StatusCode.UNAVAILABLE: error.UNAVAILABLE,
+        grpc.StatusCode.NOT_FOUND: error.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED: error.UNSUPPORTED,
+    }.get(code, error.INTERNAL)
 
 
-def parse_request(index: int, request: Any, engine: EmbeddingEngine) -> Job:
-    """Turn a Triton request into an EmbedRequest and validate it as every door does (`validate_embed_request`):
-    only what is Triton's own, the UTF-8 tensor and the JSON parameters, is checked here."""
+def triton_field(field: str) -> str:
+    """texts[i] is row i of TEXT, titles[i] of TITLE; the parameters keep their names."""
+    name, bracket, rest = field.partition("[")
+    return TRITON_FIELDS.get(name, name) + bracket + rest
+
+
+def strings(request: Any, name: str) -> list[str] | None:
+    """A BYTES input's rows as text, or None when the request does not send the input."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = []
+    for row, value in enumerate(tensor.as_numpy().reshape(-1)):
+        try:
+            values.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        except UnicodeDecodeError:
+            raise InvalidArgumentError(f"{name}[{row}]", "must be UTF-8") from None
+    return values
+
+
+def embed_request(request: Any) -> embedding_pb2.EmbedRequest:
+    """The request's tensors and parameters as an EmbedRequest; only what is Triton's own (UTF-8 tensors,
+    JSON parameters, unknown parameters) is checked here, the rest by the shared validation."""
     try:
         parameters = json.loads(request.parameters() or "{}")
     except json.JSONDecodeError as error:
         raise InvalidArgumentError("parameters", f"not valid JSON: {error}") from None
-    texts = []
-    for row, value in enumerate(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)):
-        try:
-            texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-        except UnicodeDecodeError:
-            raise InvalidArgumentError(f"TEXT[{row}]", "must be UTF-8") from None
-    requested_type = parameters.get("input_type")
+    unknown = sorted(set(parameters) - set(PARAMETERS))
+    if unknown:  # a misspelt parameter ("dimension") is refused, not silently ignored
+        raise InvalidArgumentError(unknown[0], f"unknown parameter; this model takes {', '.join(PARAMETERS)}")
+    encoding = parameters.get("encoding", "float32")
+    if encoding != "float32":
+        raise InvalidArgumentError(
+            "encoding", f"{encoding!r}: EMBEDDING is TYPE_FP32, so this model serves float32 only"
+        )
     dimensions = parameters.get("dimensions", 0)
     if isinstance(dimensions, str) and dimensions.strip().isdigit():
         dimensions = int(dimensions)
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int):
-        raise InvalidArgumentError("dimensions", f"must be an integer, got {dimensions!r}")
-    title = parameters.get("title")
-    if title is not None and not isinstance(title, str):
-        raise InvalidArgumentError("title", f"must be a string, got {title!r}")
-    embed_request = embedding_pb2.EmbedRequest(
-        texts=texts,
-        input_type=INPUT_TYPES.get(requested_type, embedding_pb2.INPUT_TYPE_UNSPECIFIED)
-        if isinstance(requested_type, str)
-        else embedding_pb2.INPUT_TYPE_UNSPECIFIED,
-        titles=[title] * len(texts) if title else [],
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0:
+        raise InvalidArgumentError("dimensions", f"must be a non-negative integer, got {dimensions!r}")
+    return named_embed_request(
+        strings(request, "TEXT") or [],
+        input_type=parameters.get("input_type"),
+        titles=strings(request, "TITLE") or [],
         dimensions=dimensions,
+        encoding=encoding,
+        truncation=parameters.get("truncation", "end"),
     )
-    try:
-        job = validate_embed_request(embed_request, engine, MAX_TEXTS_PER_REQUEST)
-    except InvalidArgumentError as error:
-        raise InvalidArgumentError(triton_field(error.field), error.description) from None
-    return Job(index=index, prompted_texts=job.prompted_texts, dimensions=job.dimensions)
-
-
-def triton_field(field: str) -> str:
-    """An EmbedRequest field in this model's own words: texts[i] is row i of TEXT, titles is the title parameter."""
-    if field.startswith("texts"):
-        return "TEXT" + field.removeprefix("texts")
-    return {"titles": "title"}.get(field, field)
 
 
 def error_response(error: BaseException) -> Any:
-    if isinstance(error, InvalidArgumentError):
-        return pb_utils.InferenceResponse(
-            output_tensors=[], error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+    """A failed request's response: a Triton error with the code of `triton_code`."""
+    if not isinstance(error, ScholarEmbedError):
+        pb_utils.Logger.log_error(
+            "scholarembed: unexpected error\n" + "".join(traceback.format_exception(type(error), error, None))
         )
-    pb_utils.Logger.log_error(
-        "scholarembed: unexpected error\n" + "".join(traceback.format_exception(type(error), error, None))
-    )
-    message = f"internal error: {type(error).__name__}: {error}"
+        message = f"internal error: {type(error).__name__}: {error}"
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+        )
+    if isinstance(error, InvalidArgumentError):
+        message = f"{triton_field(error.field)}: {error.description}"
+    else:
+        message = str(error)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, triton_code(error.code)))
+
+
+def inference_response(response: embedding_pb2.EmbedResponse) -> Any:
+    result = decode(response)
     return pb_utils.InferenceResponse(
-        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+        output_tensors=[
+            pb_utils.Tensor("EMBEDDING", np.ascontiguousarray(result.vectors, dtype=np.float32)),
+            pb_utils.Tensor("TOKEN_COUNT", np.array(result.token_counts, dtype=np.int32).reshape(-1, 1)),
+            pb_utils.Tensor("TRUNCATED", np.array(result.truncated, dtype=np.bool_).reshape(-1, 1)),
+        ]
     )
 
 
@@ -116,65 +161,30 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = json.loads(args["model_config"]).get("parameters", {})
         device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
-        dims = setting(parameters, "matryoshka_dims")
-        self.engine = EmbeddingEngine.load(
-            setting(parameters, "model"),
-            device=device,
-            dtype=setting(parameters, "dtype") or "auto",
-            max_tokens=int(setting(parameters, "max_tokens") or 0) or None,
-            matryoshka_dims=[int(d) for d in dims.split(",") if d.strip()] or None,
-        )
-        self.max_batch_tokens = int(setting(parameters, "max_batch_tokens") or 16384)
-        self.engine.runner.warmup()
+        self.embedder = InProcessEmbedder(dataclasses.replace(server_config(parameters), device=device))
+        engine = self.embedder.engine
         pb_utils.Logger.log_info(
-            f"scholarembed: {self.engine.model_id} from {self.engine.model.source} on {self.engine.model.device} "
-            f"({self.engine.model.dtype_name}), dimensions {list(self.engine.matryoshka_dims)}, "
-            f"max {self.engine.max_tokens} tokens: ready"
+            f"scholarembed: {engine.model_id} from {engine.model.source} on {engine.model.device} ({engine.model.dtype_name}), "
+            f"dimensions {list(engine.matryoshka_dims)}, max {engine.max_tokens} tokens: ready"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request, in order; never raises."""
-        responses: list[Any] = [None] * len(requests)
-        try:
-            self._execute(requests, responses)
-        except Exception as error:
-            unanswered = [i for i, response in enumerate(responses) if response is None]
-            for index in unanswered:
-                responses[index] = error_response(error)
+        answers: list[Future[embedding_pb2.EmbedResponse] | BaseException] = []
+        for request in requests:
+            try:
+                answers.append(self.embedder.submit(embed_request(request)))
+            except Exception as error:
+                answers.append(error)
+        responses = []
+        for answer in answers:
+            try:
+                if isinstance(answer, BaseException):
+                    raise answer
+                responses.append(inference_response(answer.result()))
+            except Exception as error:
+                responses.append(error_response(error))
         return responses
 
-    def _execute(self, requests: list[Any], responses: list[Any]) -> None:
-        groups: defaultdict[int, list[Job]] = defaultdict(list)  # by output dimensions
-        for index, request in enumerate(requests):
-            try:
-                job = parse_request(index, request, self.engine)
-            except Exception as error:
-                responses[index] = error_response(error)
-                continue
-            groups[job.dimensions].append(job)
-
-        # Tokenize per group; then one forward pass over the rows of every group.
-        tokenized_groups: list[tuple[list[Job], list[list[int]]]] = []
-        for jobs in groups.values():
-            try:
-                tokenized = self.engine.tokenize([text for job in jobs for text in job.prompted_texts])
-                tokenized_groups.append((jobs, [t.ids for t in tokenized]))
-            except Exception as error:
-                for job in jobs:
-                    responses[job.index] = error_response(error)
-        if not tokenized_groups:
-            return
-        vectors = self.engine.runner.forward_planned(
-            [row for _, rows in tokenized_groups for row in rows], self.max_batch_tokens
-        )
-
-        start = 0
-        for jobs, rows in tokenized_groups:
-            group_vectors = matryoshka(vectors[start : start + len(rows)], jobs[0].dimensions)
-            start += len(rows)
-            offset = 0
-            for job in jobs:
-                count = len(job.prompted_texts)
-                job_vectors = np.ascontiguousarray(group_vectors[offset : offset + count], dtype=np.float32)
-                offset += count
-                responses[job.index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, job_vectors)])
+    def finalize(self) -> None:
+        self.embedder.close()

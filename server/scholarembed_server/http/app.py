@@ -2,9 +2,16 @@
 and health probes, over the shared `TextEmbedder` and `Searcher`.
 
 Each route converts its JSON into a `scholarembed.v1` message, calls the shared code (validation, prompts,
-batching, the index: nothing of it is repeated here) and converts the answer back. Errors become OpenAI's
-error JSON in `errors`. Three pure-ASGI middlewares, outermost first: metrics (with the door label), the
-body limit (413), bearer tokens (401).
+batching, the index: nothing of it is repeated here) and converts the answer back. /v1/embeddings speaks
+OpenAI's schema (pydantic models in `schemas`); /v1/search speaks the proto3 JSON mapping of SearchRequest
+and SearchResponse (`protojson`), so every field of the proto reaches HTTP, schema included, without a
+hand-kept copy. Errors become OpenAI's error JSON in `errors`. Three pure-ASGI middlewares, outermost
+first: metrics (with the door label), the body limit (413), bearer tokens (401).
+
+A request with no input_type and no `:query`/`:passage` model alias is refused, as on every other door:
+the model is asymmetric, and a query embedded with the passage prompt is silently worse. Clients that
+cannot send input_type (the openai SDK's create(), LangChain) name the alias as their model. An operator
+whose clients can do neither opts in to a default with --http-default-input-type.
 """
 
 from __future__ import annotations
@@ -17,24 +24,23 @@ from typing import Any
 import grpc
 import numpy as np
 import orjson
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from google.protobuf import json_format
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scholarembed.v1 import embedding_pb2 as pb
-from scholarembed.v1 import search_pb2
+from scholarembed.v1 import embedding_pb2, search_pb2
 
 from .. import logs
 from ..config import ServerConfig
 from ..embedder import TextEmbedder
 from ..errors import InvalidArgumentError, ScholarEmbedError, SearchDisabledError, UnavailableError
 from ..metrics import Metrics
+from ..names import INPUT_TYPE_NAMES, named_embed_request
 from ..searcher import Searcher
 from ..security import bearer_token_accepted
-from . import errors
+from . import errors, protojson
 from .schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -43,11 +49,8 @@ from .schemas import (
     HealthStatus,
     ModelCard,
     ModelList,
-    SearchRequest,
-    SearchResponse,
 )
 
-INPUT_TYPES = {"query": pb.INPUT_TYPE_QUERY, "passage": pb.INPUT_TYPE_PASSAGE, "raw": pb.INPUT_TYPE_RAW}
 MODEL_ALIASES = ("query", "passage")  # `<model>:query`, `<model>:passage`
 # The RPC each route stands for, as the metrics' rpc label: one dashboard shows both doors.
 ROUTE_RPCS = {"/v1/embeddings": "Embed", "/v1/search": "Search", "/v1/models": "GetModelInfo"}
@@ -111,18 +114,19 @@ def create_app(
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES)
     async def create_embeddings(body: EmbeddingsRequest) -> Response:
         """Embed texts (OpenAI's embeddings API). The prompt comes from `input_type`, else from the
-        `:query`/`:passage` model alias, else the server default (passage unless configured)."""
+        `:query`/`:passage` model alias; a request with neither is refused (400) unless the server sets
+        --http-default-input-type."""
         check_serving()
         single = isinstance(body.input, str)
         texts = [body.input] if single else body.input
-        request = pb.EmbedRequest(
-            texts=texts,
-            input_type=_input_type(body, model_id, default_input_type),
-            titles=body.titles or [],
-            dimensions=body.dimensions or 0,
-            encoding=pb.ENCODING_FLOAT32,
-        )
         try:
+            request = named_embed_request(
+                texts,
+                input_type=_input_type(body, model_id, default_input_type),
+                titles=body.titles or [],
+                dimensions=body.dimensions or 0,
+                truncation=body.truncation,
+            )
             response = await embedder.embed_request(request, wait=False)
         except InvalidArgumentError as error:
             raise _as_input_field(error, single) from error
@@ -145,19 +149,46 @@ def create_app(
         )
 
     search_errors = {**ERROR_RESPONSES, 501: {"model": ErrorResponse, "description": "No index on this server"}}
+    search_request, search_response = search_pb2.SearchRequest, search_pb2.SearchResponse
 
-    @app.post("/v1/search", response_model=SearchResponse, responses=search_errors)
-    async def search(body: SearchRequest) -> JSONResponse:
-        """Search a collection: scholarembed.v1.SearchRequest as JSON, with the Search RPC's validation."""
+    @app.post(
+        "/v1/search",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "scholarembed.v1.SearchResponse as JSON, with the proto's field names",
+                "content": {"application/json": {"schema": protojson.reference(search_response.DESCRIPTOR)}},
+            },
+            **search_errors,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": protojson.reference(search_request.DESCRIPTOR)}},
+            }
+        },
+    )
+    async def search(request: Request) -> Response:
+        """Search a collection: scholarembed.v1.SearchRequest in the proto3 JSON mapping (the proto's field
+        names or their lowerCamelCase JSON names; enums by name, e.g. `"mode": "SEARCH_MODE_HYBRID"`), with
+        the Search RPC's validation and errors; an unknown field is a 400 naming it."""
+        body = await request.body()  # first, as FastAPI reads the other routes' bodies before they run
         check_serving()
         if searcher is None:
             raise SearchDisabledError()
-        response = await searcher.search(search_pb2.SearchRequest(**body.model_dump()), wait=False)
-        return JSONResponse(
-            json_format.MessageToDict(
-                response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-        )
+        message = protojson.parse(body, search_request)
+        response = await searcher.search(message, wait=False)
+        return Response(protojson.render(response), media_type="application/json")
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the schemas of the messages /v1/search speaks, made from the proto."""
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            components.update(protojson.json_schemas(search_request.DESCRIPTOR, search_response.DESCRIPTOR))
+        return app.openapi_schema  # type: ignore[return-value]  # set by FastAPI.openapi
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     search_page = SEARCH_PAGE.read_text(encoding="utf-8")
 
@@ -182,14 +213,15 @@ def create_app(
     return app
 
 
-def _check_input_type(name: str) -> int:
-    if name not in INPUT_TYPES:
-        raise ValueError(f"--http-default-input-type {name!r}: use one of {', '.join(INPUT_TYPES)}")
-    return INPUT_TYPES[name]
+def _check_input_type(name: str | None) -> str | None:
+    if name is not None and name not in INPUT_TYPE_NAMES:
+        raise ValueError(f"--http-default-input-type {name!r}: use one of {', '.join(INPUT_TYPE_NAMES)}")
+    return name
 
 
-def _input_type(body: EmbeddingsRequest, model_id: str, default: int) -> int:
-    """input_type, else the model alias's suffix, else the server default; a contradiction is a 400."""
+def _input_type(body: EmbeddingsRequest, model_id: str, default: str | None) -> str:
+    """input_type, else the model alias's suffix, else the server's opt-in default; a contradiction is a
+    400, and so is none of them."""
     alias = None
     if body.model is not None and body.model != model_id:
         base, _, alias = body.model.rpartition(":")
@@ -200,8 +232,17 @@ def _input_type(body: EmbeddingsRequest, model_id: str, default: int) -> int:
             raise InvalidArgumentError(
                 "input_type", f"{body.input_type!r} contradicts the model alias {body.model!r}; send one of them"
             )
-        return INPUT_TYPES[body.input_type]
-    return INPUT_TYPES[alias] if alias is not None else default
+        return body.input_type
+    if alias is not None:
+        return alias
+    if default is None:
+        raise InvalidArgumentError(
+            "input_type",
+            "required: send input_type (query, passage or raw), or name the model "
+            f"{model_id + ':query'!r} or {model_id + ':passage'!r} (for clients that cannot send input_type, "
+            "such as the openai SDK or LangChain); the model is asymmetric, so there is no default",
+        )
+    return default
 
 
 def _as_input_field(error: InvalidArgumentError, single: bool) -> InvalidArgumentError:
@@ -212,7 +253,7 @@ def _as_input_field(error: InvalidArgumentError, single: bool) -> InvalidArgumen
     return error
 
 
-def _embeddings_json(response: pb.EmbedResponse, encoding_format: str) -> Response:
+def _embeddings_json(response: embedding_pb2.EmbedResponse, encoding_format: str) -> Response:
     """Serialised by orjson rather than through pydantic or json: floats are the hot path, and orjson
     writes float32 arrays directly, in float32's shortest exact form (half the bytes, ~15x faster than
     json.dumps on 64 x 768). The shape is EmbeddingsResponse's, as the OpenAPI document says."""

@@ -64,6 +64,13 @@ WARMUP_RETRY_AFTER_S = 1
 GRPC_CODE_STATE_KEY = "scholarembed.grpc_code"
 
 
+class MalformedJsonError(HTTPException):
+    """A body that is not JSON: a 400 without a field to blame, the same words from every route."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(400, f"malformed JSON at character {position}: {reason}")
+
+
 class RequestTooLargeError(HTTPException):
     """The body is over --http-max-body-bytes. An HTTPException, so that FastAPI's body reader passes it on
     instead of calling it a parse error."""
@@ -112,9 +119,8 @@ def validation_error_response(error: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint, as `field: message`; malformed JSON says where it broke."""
     first: dict[str, Any] = error.errors()[0]
     if first.get("type") == "json_invalid":
-        position = first["loc"][-1]
-        reason = first.get("ctx", {}).get("error", "JSON decode error")
-        return error_response(400, f"malformed JSON at character {position}: {reason}", code="invalid_argument")
+        malformed = MalformedJsonError(first["loc"][-1], first.get("ctx", {}).get("error", "JSON decode error"))
+        return error_response(400, malformed.detail, code="invalid_argument")
     param = _field_path(first.get("loc", ()))
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return error_response(

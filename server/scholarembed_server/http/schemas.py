@@ -1,5 +1,6 @@
-"""The HTTP door's JSON bodies as pydantic models: they validate the request's shape (types, enums, ranges)
-and make the served OpenAPI document describe every field, so generated clients are typed.
+"""The HTTP door's own JSON bodies as pydantic models (OpenAI's embeddings, models, errors, health): they
+validate the request's shape (types, enums, ranges) and make the served OpenAPI document describe every
+field, so generated clients are typed. /v1/search's bodies are the proto's (see `protojson`).
 
 What the values mean (empty texts, dimensions, limits) is checked once, by the shared embedder and
 searcher, exactly as for gRPC.
@@ -36,8 +37,8 @@ class EmbeddingsRequest(BaseModel):
     input_type: Literal["query", "passage", "raw"] | None = Field(
         None,
         description="The prompt: `query` (search queries), `passage` (documents, with optional titles) or "
-        "`raw` (no prompt). Omitted: the model alias's suffix, else the server's --http-default-input-type "
-        "(passage unless configured).",
+        "`raw` (no prompt). Omitted: the model alias's suffix (`<model>:query`, `<model>:passage`); with "
+        "neither, a 400 (the model is asymmetric), unless the server sets --http-default-input-type.",
     )
     titles: list[str] | None = Field(
         None, description="One title per input, with input_type passage only; an empty title means none."
@@ -48,6 +49,11 @@ class EmbeddingsRequest(BaseModel):
         le=UINT32_MAX,
         description="Matryoshka output size, one of the model's matryoshka_dimensions; omitted: full size. "
         "Truncated vectors are re-normalised.",
+    )
+    truncation: Literal["end", "error"] = Field(
+        "end",
+        description="A text over the model's max_tokens (prompt included): `end` cuts it (the default), "
+        "`error` refuses the request with a 400 naming the text.",
     )
     encoding_format: Literal["float", "base64"] = Field(
         "float",
@@ -97,45 +103,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class SearchRequest(BaseModel):
-    """scholarembed.v1.SearchRequest as JSON: the same fields, defaults, validation and errors as the Search RPC."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"collection": "scifact", "queries": ["gene therapy"], "top_k": 10}]},
-    )
-
-    collection: str = Field("", description="Collection name; 404 if it does not exist.")
-    queries: list[str] = Field(
-        default_factory=list,
-        description="Query texts, embedded with the query prompt: 1 to max_texts_per_request, each non-empty.",
-    )
-    top_k: int = Field(
-        0, ge=0, le=UINT32_MAX, description="Hits per query: 1 to the server's max_top_k (default 1000)."
-    )
-    dimensions: int = Field(0, ge=0, le=UINT32_MAX, description="Matryoshka dimension to search at; 0 means full size.")
-    include_passages: bool = Field(False, description="Return each hit's title, text and metadata.")
-    filter: dict[str, str] = Field(
-        default_factory=dict, description="Exact-match metadata filter: every key must have exactly this value."
-    )
-
-
-class Hit(BaseModel):
-    id: str
-    score: float = Field(description="Cosine similarity at the searched dimension, in [-1, 1].")
-    title: str = Field("", description="With include_passages; else empty.")
-    text: str = Field("", description="With include_passages; else empty.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="With include_passages; else empty.")
-
-
-class QueryResult(BaseModel):
-    hits: list[Hit] = Field(description="At most top_k hits, best first.")
-
-
-class SearchResponse(BaseModel):
-    results: list[QueryResult] = Field(description="One per query, in query order.")
 
 
 class ErrorDetail(BaseModel):

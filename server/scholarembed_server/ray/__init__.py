@@ -1,6 +1,9 @@
 """The Ray door: bulk encoding of a corpus on a Ray cluster, and loading the result into a collection.
 
-    from scholarembed_server.ray import EngineSpec, embed_corpus, load_shards
+    from scholarembed_server.config import ServerConfig
+    from scholarembed_server.ray import embed_corpus, load_shards
+
+    embed_corpus("corpus.jsonl", "shards/", input_type="passage", engine=ServerConfig(model=...))
 
 `embed_corpus` (encode.py) needs the `ray` extra; `load_shards` (load.py) and the shard format
 (shards.py) need only pyarrow. Ray is imported only inside `embed_corpus` and its actors, so the
@@ -15,13 +18,12 @@ from typing import Any
 
 _EXPORTS = {
     "EmbedSummary": "encode",
-    "EngineSpec": "encode",
     "FleetSpec": "encode",
     "embed_corpus": "encode",
     "LoadSummary": "load",
     "load_shards": "load",
     "open_store": "load",
-    "Columns": "shards",
+    "Columns": "shards",  # the corpus reader's, as the shards read them
     "CorpusError": "shards",
     "ShardsError": "shards",
 }

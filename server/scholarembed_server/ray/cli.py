@@ -1,7 +1,8 @@
 """The Ray door's command line: `scholarembed embed --engine ray ...` and `scholarembed load ...`.
 
 Only argparse at import time: the main CLI defines these options for every command, and Ray,
-pyarrow and torch are imported only when one of these commands runs.
+pyarrow and torch are imported only when one of these commands runs. Errors are raised for the main
+CLI to print in one line.
 """
 
 from __future__ import annotations
@@ -26,48 +27,33 @@ def add_embed_arguments(embed: argparse.ArgumentParser) -> None:
     ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (torch threads on CPU)")
     ray.add_argument("--gpus-per-actor", type=float, help="default 1 with --model on a cluster with GPUs, else 0")
     ray.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per output shard: the unit of retry")
-    ray.add_argument("--encoding", default="float32", choices=["float32", "float16", "binary"])
     ray.add_argument("--id-field", help="input field holding the id; default _id, else id")
-    ray.add_argument("--matryoshka-dims", help="with --model: the dimensions it supports, e.g. 768,512,256,128")
-    ray.add_argument("--max-batch-tokens", type=int, default=16384, help="padded-token budget of one forward pass")
-
-
-def _fail(error: Exception) -> int:
-    """Bad input is reported in one line naming what is wrong, not as a traceback."""
-    print(f"error: {error}", file=sys.stderr)
-    return 2
 
 
 def embed_with_ray(args: argparse.Namespace) -> int:
-    from ..errors import ScholarEmbedError
-    from . import Columns, CorpusError, EngineSpec, FleetSpec, ShardsError, embed_corpus
+    from ..cli import engine_config
+    from . import Columns, FleetSpec, embed_corpus
 
-    engine = fleet = None
-    if args.model:
-        dims = tuple(int(d) for d in args.matryoshka_dims.split(",")) if args.matryoshka_dims else None
-        engine = EngineSpec(args.model, device=args.device, matryoshka_dims=dims)
-    else:
+    fleet = None
+    if not args.model:
         fleet = FleetSpec(tuple(address.strip() for address in args.server.split(",") if address.strip()))
-    try:
-        summary = embed_corpus(
-            str(args.input),
-            str(args.output),
-            engine=engine,
-            fleet=fleet,
-            input_type=args.type,
-            dimensions=args.dimensions,
-            encoding=args.encoding,
-            columns=Columns(text=args.text_field, title=args.title_field or None, id=args.id_field),
-            rows_per_shard=args.rows_per_shard,
-            actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=args.gpus_per_actor,
-            max_batch_tokens=args.max_batch_tokens,
-            address=args.ray_address,
-            progress=not args.no_progress,
-        )
-    except (CorpusError, ShardsError, ScholarEmbedError, ValueError) as error:
-        return _fail(error)
+    summary = embed_corpus(
+        str(args.input),
+        str(args.output),
+        engine=engine_config(args) if args.model else None,
+        fleet=fleet,
+        input_type=args.type,
+        dimensions=args.dimensions,
+        encoding=args.encoding,
+        truncation=args.truncation,
+        columns=Columns(text=args.text_field, title=args.title_field or None, id=args.id_field),
+        rows_per_shard=args.rows_per_shard,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        address=args.ray_address,
+        progress=not args.no_progress,
+    )
     print(summary.line(), file=sys.stderr)
     return 0
 
@@ -92,15 +78,10 @@ def add_load_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def load_command(args: argparse.Namespace) -> int:
-    from ..errors import ScholarEmbedError
     from .load import load_shards, open_store, run_metadata
-    from .shards import CorpusError, ShardsError
 
-    try:
-        metadata = run_metadata(args.shards)["metadata"]
-        store = open_store(args.data_dir, args.index_uri, metadata["matryoshka_dimensions"])
-    except (CorpusError, ShardsError, ScholarEmbedError, ValueError) as error:
-        return _fail(error)
+    metadata = run_metadata(args.shards)["metadata"]
+    store = open_store(args.data_dir, args.index_uri, metadata["matryoshka_dimensions"])
     try:
         summary = load_shards(
             args.shards,
@@ -111,8 +92,6 @@ def load_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-    except (CorpusError, ShardsError, ScholarEmbedError, ValueError) as error:
-        return _fail(error)
     finally:
         store.close()
     print(summary.line(), file=sys.stderr)

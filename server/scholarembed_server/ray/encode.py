@@ -8,11 +8,16 @@ rows straight from the input filesystem, embeds them and writes the shard file i
 Ray Data's own readers and writers (random block boundaries, uuid file names) cannot give; that is
 what makes a rerun skip finished work and every id land exactly once.
 
-Two kinds of actor:
-- `EngineShardEncoder` holds an `EmbeddingEngine` and calls `encode`: the same prompts, tokenizer,
-  token-budget batches, pooling and normalisation as the server.
+Two kinds of actor, both answering the same `scholarembed.v1.EmbedRequest`s (at most 64 texts each):
+- `EngineShardEncoder` runs the server's embedding path in its process (`InProcessEmbedder`, loaded from
+  the same `ServerConfig` as `serve`): the same validation, prompts, tokenizer, batcher (token-budget
+  batches, out-of-memory halving), pooling and wire encodings as the server.
 - `FleetShardEncoder` is a client of running servers (several addresses or a dns: target): the
-  servers do all of it, and validate every request as they do for any client.
+  servers do all of it, and validate every request as they do for any client. Only what can succeed
+  on a retry is retried: a full queue (RESOURCE_EXHAUSTED with a retry delay) and UNAVAILABLE.
+
+An error that names a text (`texts[i]`) fails the shard with a CorpusError naming the record, e.g.
+"corpus.jsonl:17: must not be empty or whitespace only".
 
 Actors that die are restarted by Ray Data and their shard is run again (to a fresh temporary file),
 so a lost actor costs at most its shard in progress.
@@ -20,6 +25,7 @@ so a lost actor costs at most its shard in progress.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,11 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..corpus import Columns, Record, record_error
+from ..embedder import validate_embed_request
+from ..errors import InvalidArgumentError
+from ..names import named_embed_request
 from .shards import (
-    ENCODINGS,
     MANIFEST,
-    Columns,
-    CorpusError,
     Shard,
     ShardsError,
     completed_shards,
@@ -51,36 +58,17 @@ from .shards import (
 )
 
 if TYPE_CHECKING:
+    from scholarembed import EmbedResult
+    from scholarembed.v1 import embedding_pb2
+
+    from ..config import ServerConfig
     from ..engine import EmbeddingEngine
 
 log = logging.getLogger(__name__)
 
-INPUT_TYPES = ("passage", "query", "raw")
 SUMMARY = "_summary.json"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How every actor loads its engine: the arguments of `EmbeddingEngine.load`."""
-
-    model: str
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_tokens: int | None = None
-    matryoshka_dims: tuple[int, ...] | None = None
-
-    def load(self, device: str | None = None) -> EmbeddingEngine:
-        from ..engine import EmbeddingEngine
-
-        return EmbeddingEngine.load(
-            self.model,
-            device=device or self.device,
-            dtype=self.dtype,
-            max_tokens=self.max_tokens,
-            revision=self.revision,
-            matryoshka_dims=self.matryoshka_dims,
-        )
+TEXTS_PER_REQUEST = 64  # well under any server's limits, so the batcher mixes requests freely
+REQUESTS_IN_FLIGHT = 16  # per engine actor: the batcher sorts 1,024 texts by length, tokenizing ahead
 
 
 @dataclass(frozen=True)
@@ -106,14 +94,17 @@ class RunSettings:
     input_type: str
     dimensions: int  # resolved: a Matryoshka dimension of the model
     encoding: str
+    truncation: str
     columns: Columns
     rows_per_shard: int
-    max_batch_tokens: int = 16384
 
-    def manifest_key(self) -> dict[str, Any]:
-        key = asdict(self)
-        del key["max_batch_tokens"]  # changes speed, never vectors
-        return key
+    def request(self, records: Sequence[Record]) -> embedding_pb2.EmbedRequest:
+        """The EmbedRequest for some of a shard's records; titles belong to passages only."""
+        titles = [r.title for r in records] if self.input_type == "passage" else []
+        return named_embed_request(
+            [r.text for r in records], input_type=self.input_type, titles=titles if any(titles) else [],
+            dimensions=self.dimensions, encoding=self.encoding, truncation=self.truncation,
+        )  # fmt: skip
 
 
 @dataclass
@@ -215,48 +206,54 @@ class _ShardEncoder:
         summaries: dict[str, list[Any]] = {"shard": [], "rows": [], "tokens": [], "pid": []}
         for description in batch["shard"]:
             shard = Shard.from_json(json.loads(description))
-            rows = read_shard_rows(shard, self.settings.columns)
-            titles = rows.titles if self.settings.input_type == "passage" and any(rows.titles) else None
-            vectors, token_counts, truncated = self.embed(rows.texts, titles)
-            write_shard(self.output, shard, rows.ids, vectors, token_counts, truncated, self.metadata)
+            records = read_shard_rows(shard, self.settings.columns)
+            chunks = [records[start : start + TEXTS_PER_REQUEST] for start in range(0, len(records), TEXTS_PER_REQUEST)]
+            results = self.embed(chunks)
+            token_counts = [count for result in results for count in result.token_counts]
+            write_shard(
+                self.output, shard, [r.id for r in records], np.concatenate([result.vectors for result in results]),
+                token_counts, [flag for result in results for flag in result.truncated], self.metadata,
+            )  # fmt: skip
             summaries["shard"].append(shard.name)
-            summaries["rows"].append(len(rows.ids))
+            summaries["rows"].append(len(records))
             summaries["tokens"].append(int(sum(token_counts)))
             summaries["pid"].append(os.getpid())
         return summaries
 
-    def embed(self, texts: list[str], titles: list[str] | None) -> tuple[np.ndarray, list[int], list[bool]]:
+    def embed(self, chunks: list[list[Record]]) -> list[EmbedResult]:
+        """One result per chunk, in order (vectors in the run's encoding, as `scholarembed.decode` reads them)."""
         raise NotImplementedError
 
 
 class EngineShardEncoder(_ShardEncoder):
-    """An actor holding the engine: one per GPU, or a CPU actor with `cpus` torch threads."""
+    """An actor running the server's embedding path: one per GPU, or a CPU actor with `cpus` torch threads."""
 
     def __init__(
-        self, output: str, settings: RunSettings, expected: dict[str, Any], spec: EngineSpec, cpus: float, gpus: float
-    ) -> None:
+        self, output: str, settings: RunSettings, expected: dict[str, Any], engine: ServerConfig, cpus: float,
+        gpus: float,
+    ) -> None:  # fmt: skip
         super().__init__(output, settings, expected)
         import torch
+
+        from ..inprocess import InProcessEmbedder
 
         if gpus == 0:
             torch.set_num_threads(max(1, int(cpus)))
         # Ray points CUDA_VISIBLE_DEVICES at this actor's GPU, so "cuda" is the right one.
-        self.engine = spec.load(device="cuda" if gpus > 0 else "cpu")
-        self.engine.check_dimensions(settings.dimensions)
-        self.metadata = shard_metadata(engine_metadata(self.engine), settings)
+        self.embedder = InProcessEmbedder(dataclasses.replace(engine, device="cuda" if gpus > 0 else "cpu"))
+        self.metadata = shard_metadata(engine_metadata(self.embedder.engine), settings)
         self.check_metadata()
 
-    def embed(self, texts: list[str], titles: list[str] | None) -> tuple[np.ndarray, list[int], list[bool]]:
-        from ..model.prompts import InputType
+    def embed(self, chunks: list[list[Record]]) -> list[EmbedResult]:
+        from scholarembed import decode
 
-        result = self.engine.encode(
-            texts,
-            InputType(self.settings.input_type),
-            titles=titles,
-            dimensions=self.settings.dimensions,
-            max_batch_tokens=self.settings.max_batch_tokens,
-        )
-        return result.vectors, result.token_counts, result.truncated
+        results: list[EmbedResult] = []
+        try:
+            for response in self.embedder.embed_many(map(self.settings.request, chunks), REQUESTS_IN_FLIGHT):
+                results.append(decode(response))
+        except InvalidArgumentError as error:
+            raise record_error(chunks[len(results)], error) from None
+        return results
 
 
 class FleetShardEncoder(_ShardEncoder):
@@ -268,40 +265,34 @@ class FleetShardEncoder(_ShardEncoder):
         info = self.client.model_info()
         self.metadata = shard_metadata(fleet_metadata(info), settings)
         self.check_metadata()
-        # Requests stay well under the server's limits, so its batcher can mix them with others.
-        self.texts_per_request = max(1, min(info.max_texts_per_request, 128))
         self.threads = ThreadPoolExecutor(fleet.requests_in_flight, thread_name_prefix="fleet")
 
-    def embed(self, texts: list[str], titles: list[str] | None) -> tuple[np.ndarray, list[int], list[bool]]:
-        step = self.texts_per_request
-        starts = range(0, len(texts), step)
-        results = list(
-            self.threads.map(
-                lambda start: self._embed_with_retry(
-                    texts[start : start + step], titles[start : start + step] if titles else None
-                ),
-                starts,
-            )
-        )
-        return (
-            np.concatenate([r.vectors for r in results]).astype(np.float32, copy=False),
-            [count for r in results for count in r.token_counts],
-            [flag for r in results for flag in r.truncated],
-        )
+    def embed(self, chunks: list[list[Record]]) -> list[EmbedResult]:
+        return list(self.threads.map(self._embed_with_retry, chunks))
 
-    def _embed_with_retry(self, texts: list[str], titles: list[str] | None, attempts: int = 8) -> Any:
-        """A busy or restarting server is retried with backoff; anything else fails the shard."""
-        from scholarembed import ResourceExhaustedError, UnavailableError
+    def _embed_with_retry(self, chunk: list[Record], attempts: int = 8) -> EmbedResult:
+        """What can succeed on a retry (`retryable`) is retried with backoff; anything else fails the shard
+        at once, naming the record when the server names a text."""
+        from scholarembed import InvalidArgumentError as RefusedError
+        from scholarembed import ScholarEmbedError as CallError
 
+        request = self.settings.request(chunk)
         for attempt in range(attempts):
             try:
                 result = self.client.embed(
-                    texts, input_type=self.settings.input_type, titles=titles, dimensions=self.settings.dimensions
-                )
-            except (ResourceExhaustedError, UnavailableError):
-                if attempt == attempts - 1:
+                    list(request.texts), input_type=self.settings.input_type, titles=list(request.titles),
+                    dimensions=request.dimensions, encoding=self.settings.encoding,
+                    truncation=self.settings.truncation,
+                )  # fmt: skip
+            except RefusedError as error:
+                if not error.field_violations:
                     raise
-                time.sleep(min(0.25 * 2**attempt, 10.0))
+                violation = error.field_violations[0]
+                raise record_error(chunk, InvalidArgumentError(violation.field, violation.description)) from None
+            except CallError as error:
+                if not retryable(error) or attempt == attempts - 1:
+                    raise
+                time.sleep(max(error.retry_after_s or 0.0, min(0.25 * 2**attempt, 10.0)))
                 continue
             if result.model != self.expected["model"]:  # each call may reach another server of the fleet
                 raise ShardsError(
@@ -311,39 +302,51 @@ class FleetShardEncoder(_ShardEncoder):
         raise AssertionError("unreachable")
 
 
+def retryable(error: Exception) -> bool:
+    """Whether a server's error can succeed on a retry: a full queue (RESOURCE_EXHAUSTED carrying the
+    server's retry delay) or a server that is down, starting or draining (UNAVAILABLE). Not a message or a
+    text too large for the server (RESOURCE_EXHAUSTED without a delay), nor anything else."""
+    from scholarembed import ResourceExhaustedError, UnavailableError
+
+    return isinstance(error, UnavailableError) or (
+        isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None
+    )
+
+
 def resolve_settings(
-    engine: EngineSpec | None,
+    engine: ServerConfig | None,
     fleet: FleetSpec | None,
     *,
     input_type: str,
     dimensions: int,
     encoding: str,
+    truncation: str,
     columns: Columns,
     rows_per_shard: int,
-    max_batch_tokens: int,
 ) -> tuple[RunSettings, dict[str, Any]]:
-    """Check the arguments before anything is written, with the errors the server gives; return the run's
-    settings and its shard metadata. The model is loaded once here (on CPU) or asked over gRPC."""
+    """Check the arguments before anything is written, with the validation every door shares; return the
+    run's settings and its shard metadata. The model is loaded once here (on CPU) or asked over gRPC."""
     if (engine is None) == (fleet is None):
         raise ValueError("give exactly one of engine= (actors load the model) or fleet= (actors call servers)")
-    if input_type not in INPUT_TYPES:
-        raise ValueError(f"input_type: {input_type!r} is not one of {list(INPUT_TYPES)}")
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding: {encoding!r} is not one of {list(ENCODINGS)}")
+    probe_request = named_embed_request(
+        ["probe"], input_type=input_type, dimensions=dimensions, encoding=encoding, truncation=truncation
+    )
     if engine is not None:
-        probe = engine.load(device="cpu")
-        resolved = probe.check_dimensions(dimensions)
+        from ..app import load_engine
+
+        probe = load_engine(dataclasses.replace(engine, device="cpu"))
+        resolved = validate_embed_request(probe_request, probe, engine.max_texts_per_request).dimensions
         model = engine_metadata(probe)
         del probe
     else:
         assert fleet is not None
         with fleet.client() as client:
             # The servers' own validation: a bad dimension gets their InvalidArgumentError.
-            resolved = client.embed(["probe"], input_type=input_type, dimensions=dimensions).dimensions
+            resolved = client.embed(
+                ["probe"], input_type=input_type, dimensions=dimensions, encoding=encoding, truncation=truncation
+            ).dimensions
             model = fleet_metadata(client.model_info())
-    if encoding == "binary" and resolved % 8:
-        raise ValueError(f"encoding: binary packs 8 dimensions a byte; {resolved} is not a multiple of 8")
-    settings = RunSettings(input_type, resolved, encoding, columns, rows_per_shard, max_batch_tokens)
+    settings = RunSettings(input_type, resolved, encoding, truncation, columns, rows_per_shard)
     return settings, shard_metadata(model, settings)
 
 
@@ -353,7 +356,7 @@ def plan_or_resume(inputs: Sequence[str], output: str, settings: RunSettings, me
     # Inputs as absolute paths or URIs, so a rerun from another folder is still the same run.
     key = {
         "inputs": [uri_of(*filesystem(source)) for source in inputs],
-        "settings": settings.manifest_key(),
+        "settings": asdict(settings),
         "model": metadata["model_source"],
     }
     manifest = read_json(output, MANIFEST)
@@ -373,17 +376,17 @@ def embed_corpus(
     inputs: str | Sequence[str],
     output: str,
     *,
-    engine: EngineSpec | None = None,
+    input_type: str,
+    engine: ServerConfig | None = None,
     fleet: FleetSpec | None = None,
-    input_type: str = "passage",
     dimensions: int = 0,
     encoding: str = "float32",
+    truncation: str = "end",
     columns: Columns | None = None,
     rows_per_shard: int = 10_000,
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float | None = None,
-    max_batch_tokens: int = 16384,
     address: str | None = None,
     progress: bool = True,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
@@ -393,15 +396,18 @@ def embed_corpus(
     else $RAY_ADDRESS, else a local one). Reruns skip complete shards. `on_shard` is called on the driver
     with each finished shard's summary row, as it arrives.
 
-    `actors`: pool size; default one per GPU with `engine` on a GPU cluster, else one per CPU (less one).
-    `gpus_per_actor`: default 1 with `engine` when the cluster has GPUs, else 0.
+    `input_type` ("query", "passage" or "raw") is required: the model is asymmetric. `engine`: the
+    settings of `serve` (a ServerConfig: model, revision, dtype, limits, ...) for actors that load the
+    model; `fleet`: servers to call instead. `actors`: pool size; default one per GPU with `engine` on a
+    GPU cluster, else one per CPU (less one). `gpus_per_actor`: default 1 with `engine` when the cluster
+    has GPUs, else 0.
     """
     import ray
 
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     settings, metadata = resolve_settings(
-        engine, fleet, input_type=input_type, dimensions=dimensions, encoding=encoding, columns=columns or Columns(),
-        rows_per_shard=rows_per_shard, max_batch_tokens=max_batch_tokens,
+        engine, fleet, input_type=input_type, dimensions=dimensions, encoding=encoding, truncation=truncation,
+        columns=columns or Columns(), rows_per_shard=rows_per_shard,
     )  # fmt: skip
     shards = plan_or_resume(inputs, output, settings, metadata)
     removed = remove_temporary_files(output)
@@ -457,7 +463,7 @@ def _run_pool(
     output: str,
     settings: RunSettings,
     expected: dict[str, Any],
-    engine: EngineSpec | None,
+    engine: ServerConfig | None,
     fleet: FleetSpec | None,
     actors: int,
     resources: dict[str, float],
@@ -473,7 +479,7 @@ def _run_pool(
     context.raise_original_map_exception = True  # a CorpusError reaches the driver as itself, with its message
     if engine is not None:
         encoder: type[_ShardEncoder] = EngineShardEncoder
-        arguments: dict[str, Any] = {"output": output, "settings": settings, "expected": expected, "spec": engine,
+        arguments: dict[str, Any] = {"output": output, "settings": settings, "expected": expected, "engine": engine,
                                      "cpus": resources["num_cpus"], "gpus": resources["num_gpus"]}  # fmt: skip
     else:
         encoder = FleetShardEncoder
@@ -490,8 +496,9 @@ def _run_pool(
     )
     pids: set[int] = set()
     bar = tqdm(total=sum(s.rows for s in pending), unit="row", disable=not progress, file=sys.stderr)
+    rows = iter(dataset.iter_rows())
     try:
-        for row in dataset.iter_rows():
+        for row in rows:
             summary.rows += int(row["rows"])
             summary.tokens += int(row["tokens"])
             summary.shards_written += 1
@@ -503,6 +510,9 @@ def _run_pool(
     except Exception as error:
         raise _user_error(error) from error
     finally:
+        # Closing the iterator shuts the run's executor down and kills its actors now, whatever ended the
+        # loop (an error, an interrupt): no shard of this run is written after embed_corpus returns.
+        getattr(rows, "close", lambda: None)()
         bar.close()
     return pids
 
@@ -517,7 +527,7 @@ def _user_error(error: BaseException) -> BaseException:
     seen: BaseException | None = error
     while seen is not None:
         # RayTaskError(CorpusError) is an instance of both; the plain one, further down, reads better.
-        if isinstance(seen, (CorpusError, ShardsError, ScholarEmbedError)) and not isinstance(seen, RayError):
+        if isinstance(seen, ScholarEmbedError) and not isinstance(seen, RayError):
             return seen
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) else seen.__cause__ or seen.__context__

@@ -2,8 +2,10 @@
 
 The vectors come from the shard files; each passage's text, title and metadata come from the corpus
 rows the shard was embedded from (the manifest records where: a shard is a fixed range of one input
-file), and the ids must agree row by row. Everything is committed through `VectorIndex.upsert`, the
-store's one commit path, so a load is exactly as durable as UpsertPassages and gets whatever else a
+file), and the ids must agree row by row. Each batch is checked by `validate_passages`, as an
+UpsertPassages request is (ids non-empty, at most 512 bytes, unique in the batch; texts non-empty),
+naming the record at fault. Everything is committed through `VectorIndex.upsert`, the store's one commit
+path, so a load is exactly as durable as UpsertPassages and gets whatever else a
 store keeps per passage. A rerun skips batches whose ids are all stored already.
 
 Refused with a clear error, before anything is written: an incomplete run (missing shards), shards
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import FailedPreconditionError
+from ..corpus import Columns, Record, record_error
+from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..index.base import (
     CollectionNotFoundError,
     IndexKind,
@@ -28,7 +31,8 @@ from ..index.base import (
     VectorStorage,
     check_collection_name,
 )
-from .shards import MANIFEST, Columns, Shard, ShardsError, completed_shards, read_json, read_shard, read_shard_rows
+from ..searcher import validate_passages
+from .shards import MANIFEST, Shard, ShardsError, completed_shards, read_json, read_shard, read_shard_rows
 
 
 @dataclass
@@ -115,30 +119,28 @@ def load_shards(
         for key in ("model", "model_source", "dimensions", "encoding", "input_type"):
             if written.metadata[key] != metadata[key]:
                 raise ShardsError(f"{where}: {key} {written.metadata[key]!r} differs from the run's {metadata[key]!r}")
-        rows = read_shard_rows(shard, columns)
-        if rows.ids != written.ids:
+        records = read_shard_rows(shard, columns)
+        if [r.id for r in records] != written.ids:
             raise ShardsError(f"{where}: its ids differ from the corpus rows it was embedded from; the corpus changed")
-        for start in range(0, len(rows.ids), batch_size):
-            ids = rows.ids[start : start + batch_size]
-            if len(index.get(collection, ids)) == len(ids):
-                skipped += len(ids)
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            if len(index.get(collection, [r.id for r in batch])) == len(batch):
+                skipped += len(batch)
             else:
-                passages = [
-                    StoredPassage(i, title, text, meta)
-                    for i, title, text, meta in zip(
-                        ids,
-                        rows.titles[start : start + batch_size],
-                        rows.texts[start : start + batch_size],
-                        rows.metadata[start : start + batch_size],
-                        strict=True,
-                    )
-                ]
-                loaded += index.upsert(collection, passages, written.vectors[start : start + batch_size])
-            bar.update(len(ids))
+                loaded += index.upsert(collection, checked_passages(batch), written.vectors[start : start + batch_size])
+            bar.update(len(batch))
     bar.close()
     return LoadSummary(
         collection, loaded, skipped, index.get_collection(collection).passage_count, time.perf_counter() - started
     )
+
+
+def checked_passages(batch: list[Record]) -> list[StoredPassage]:
+    """The batch as passages, validated as an UpsertPassages request is; an error names the record."""
+    try:
+        return validate_passages(batch, len(batch))
+    except InvalidArgumentError as error:
+        raise record_error(batch, error) from None
 
 
 def open_store(data_dir: str | None, index_uri: str | None, matryoshka_dims: Sequence[int]) -> VectorIndex:

@@ -4,9 +4,13 @@ A run's input rows are cut into shards once, deterministically, before anything 
 JSONL file into byte ranges of `rows_per_shard` lines, a Parquet file into runs of whole row groups.
 The plan goes to `<output>/_manifest.json`; a rerun reads it back instead of planning again, so shard
 k always holds the same rows. Each shard is embedded and written by one actor call, to a temporary
-name that is renamed to `<output>/<shard>.parquet` only once the file is whole: a shard file that
+name that is renamed to `<output>/shard-<k>.parquet` only once the file is whole: a shard file that
 exists is complete, and a rerun skips it. Every input row therefore lands in exactly one shard file,
-however often a shard is retried.
+however often a shard is retried. Shards are named by their number in the plan, never after the input
+files, so no input name can look like a temporary or hidden file of the output folder.
+
+Rows are read by the one corpus reader (`corpus`), which names a bad record by its place:
+"corpus.jsonl:17" (JSONL, by line) or "corpus.parquet row 17".
 
 Output shard columns: id (string), vector (fixed-size list of float32 or float16, or packed bits as
 fixed-size binary), token_count (int32), truncated (bool). The Parquet key-value metadata key
@@ -17,12 +21,12 @@ dimensions and the model's full and Matryoshka dimensions, encoding, input type,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,34 +34,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..corpus import Columns, CorpusError, Record, check_columns, is_jsonl, lines, parse_line, read_jsonl, record
+from ..errors import FailedPreconditionError
+
 MANIFEST = "_manifest.json"
 METADATA_KEY = b"scholarembed"
 TEMPORARY_PREFIX = "_tmp-"
-ENCODINGS = ("float32", "float16", "binary")
-ID_FIELDS = ("_id", "id")  # BEIR writes _id; either is accepted
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class CorpusError(ValueError):
-    """The corpus cannot be read as asked (missing file or column, bad line); names the place."""
-
-
-class ShardsError(ValueError):
+class ShardsError(FailedPreconditionError):
     """An output folder cannot be used as asked (other settings, incomplete, foreign metadata)."""
 
 
 @dataclass(frozen=True)
-class Columns:
-    """Which input fields hold what; `id` None means `_id`, else `id`."""
-
-    text: str = "text"
-    title: str | None = "title"
-    id: str | None = None
-
-
-@dataclass(frozen=True)
 class Shard:
-    """Rows [first_row, first_row + rows) of one input file, located by byte range (JSONL) or row groups."""
+    """Rows [first_row, first_row + rows) of one input file, located by byte range (JSONL, starting at line
+    `first_line`) or row groups (Parquet)."""
 
     name: str
     path: str
@@ -67,6 +59,7 @@ class Shard:
     byte_start: int = 0
     byte_stop: int = 0
     row_groups: tuple[int, ...] = ()
+    first_line: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "row_groups": list(self.row_groups)}
@@ -74,14 +67,6 @@ class Shard:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Shard:
         return cls(**{**data, "row_groups": tuple(data.get("row_groups", ()))})
-
-
-@dataclass
-class CorpusRows:
-    ids: list[str]
-    texts: list[str]
-    titles: list[str] = field(default_factory=list)
-    metadata: list[dict[str, str]] = field(default_factory=list)  # BEIR's per-record "metadata" object
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -98,23 +83,23 @@ def list_inputs(sources: Sequence[str]) -> list[tuple[pafs.FileSystem, str, str]
         fs, path = filesystem(source)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise CorpusError(f"input {source!r}: no such file or folder")
+            raise CorpusError(source, "no such file or folder")
         if info.type == pafs.FileType.Directory:
             children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = sorted(c.path for c in children if c.is_file and _format(c.path) and not _hidden(c.path))
             if not files:
-                raise CorpusError(f"input {source!r}: a folder without .jsonl or .parquet files")
+                raise CorpusError(source, "a folder without .jsonl or .parquet files")
             found += [(fs, file, _format(file) or "") for file in files]
             continue
         kind = _format(path)
         if kind is None:
-            raise CorpusError(f"input {source!r}: not a .jsonl or .parquet file")
+            raise CorpusError(source, "not a .jsonl or .parquet file")
         found.append((fs, path, kind))
     return found
 
 
 def _format(path: str) -> str | None:
-    if path.endswith(JSONL_SUFFIXES):
+    if is_jsonl(path):
         return "jsonl"
     if path.endswith(".parquet"):
         return "parquet"
@@ -134,75 +119,44 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
 
 def plan_shards(sources: Sequence[str], columns: Columns, rows_per_shard: int) -> list[Shard]:
     """Cut every input file into shards of at most `rows_per_shard` rows (Parquet: whole row groups, so a
-    row group larger than that is a shard of its own). Checks each file's columns on the way."""
+    row group larger than that is a shard of its own), named by their number. Checks each file's columns
+    on the way."""
     if rows_per_shard < 1:
-        raise CorpusError(f"rows_per_shard: must be at least 1, got {rows_per_shard}")
+        raise CorpusError("rows_per_shard", f"must be at least 1, got {rows_per_shard}")
     shards: list[Shard] = []
     for fs, path, kind in list_inputs(sources):
         uri = uri_of(fs, path)
-        stem = posixpath.basename(path).rsplit(".", 1)[0][:40]
-        # The path's hash keeps names apart when two folders hold files of the same name.
-        prefix = f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
-        planned = (
+        shards += (
             _plan_jsonl(fs, path, uri, columns, rows_per_shard)
             if kind == "jsonl"
             else _plan_parquet(fs, path, uri, columns, rows_per_shard)
         )
-        shards += [dataclasses.replace(s, name=f"{prefix}-{s.first_row:012d}") for s in planned]
-    return shards
+    return [dataclasses.replace(shard, name=f"shard-{number:08d}") for number, shard in enumerate(shards)]
 
 
 def _plan_jsonl(fs: pafs.FileSystem, path: str, uri: str, columns: Columns, rows_per_shard: int) -> list[Shard]:
     shards: list[Shard] = []
     start = offset = first_row = rows = 0
+    first_line = line_number = 1
     try:
         with fs.open_input_stream(path) as stream:
-            for line in _lines(stream):
+            for line_number, line in enumerate(lines(stream), start=1):
                 if line.strip():
-                    if first_row == 0 and rows == 0:
-                        _check_record(_parse(line, uri, 1), columns, f"{uri}:1")
+                    if first_row == 0 and rows == 0:  # the first record's fields, before anything is written
+                        where = f"{uri}:{line_number}"
+                        record(parse_line(line, where), columns, where, with_id=True)
                     rows += 1
                 offset += len(line)
                 if rows == rows_per_shard:
-                    shards.append(Shard("", uri, "jsonl", first_row, rows, start, offset))
-                    start, first_row, rows = offset, first_row + rows, 0
+                    shards.append(Shard("", uri, "jsonl", first_row, rows, start, offset, first_line=first_line))
+                    start, first_row, rows, first_line = offset, first_row + rows, 0, line_number + 1
     except OSError as error:
-        raise CorpusError(f"input {uri!r} cannot be read: {error}") from error
+        raise CorpusError(uri, f"cannot be read: {error}") from error
     if rows:
-        shards.append(Shard("", uri, "jsonl", first_row, rows, start, offset))
+        shards.append(Shard("", uri, "jsonl", first_row, rows, start, offset, first_line=first_line))
     if not shards:
-        raise CorpusError(f"input {uri!r}: no records")
+        raise CorpusError(uri, "no records")
     return shards
-
-
-def _lines(stream: Any, chunk_bytes: int = 1 << 22) -> Iterator[bytes]:
-    """Lines of a binary stream, newline kept, so byte offsets add up."""
-    rest = b""
-    while chunk := stream.read(chunk_bytes):
-        rest += chunk
-        *complete, rest = rest.split(b"\n")
-        for line in complete:
-            yield line + b"\n"
-    if rest:
-        yield rest
-
-
-def _parse(line: bytes, uri: str, line_number: int) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorpusError(f"{uri}:{line_number}: not a JSON object: {error}") from error
-    if not isinstance(record, dict):
-        raise CorpusError(f"{uri}:{line_number}: not a JSON object")
-    return record
-
-
-def _check_record(record: dict[str, Any], columns: Columns, where: str) -> None:
-    id_fields = (columns.id,) if columns.id else ID_FIELDS
-    if not any(name in record for name in id_fields):
-        raise CorpusError(f"{where}: no {' or '.join(map(repr, id_fields))} field")
-    if columns.text not in record:
-        raise CorpusError(f"{where}: no {columns.text!r} field")
 
 
 def _plan_parquet(fs: pafs.FileSystem, path: str, uri: str, columns: Columns, rows_per_shard: int) -> list[Shard]:
@@ -210,9 +164,8 @@ def _plan_parquet(fs: pafs.FileSystem, path: str, uri: str, columns: Columns, ro
         with fs.open_input_file(path) as file:
             metadata = pq.ParquetFile(file).metadata
     except (OSError, pa.ArrowInvalid) as error:
-        raise CorpusError(f"input {uri!r} cannot be read as Parquet: {error}") from error
-    names = set(metadata.schema.to_arrow_schema().names)
-    _check_record(dict.fromkeys(names), columns, f"input {uri!r}")
+        raise CorpusError(uri, f"cannot be read as Parquet: {error}") from error
+    check_columns(metadata.schema.to_arrow_schema().names, columns, uri, with_id=True)
     shards: list[Shard] = []
     groups: list[int] = []
     first_row = rows = 0
@@ -226,85 +179,53 @@ def _plan_parquet(fs: pafs.FileSystem, path: str, uri: str, columns: Columns, ro
     if rows:
         shards.append(Shard("", uri, "parquet", first_row, rows, row_groups=tuple(groups)))
     if not shards:
-        raise CorpusError(f"input {uri!r}: no rows")
+        raise CorpusError(uri, "no rows")
     return shards
 
 
-def read_shard_rows(shard: Shard, columns: Columns) -> CorpusRows:
-    """The shard's input rows, in file order; a missing field or an empty text raises CorpusError naming it."""
+def read_shard_rows(shard: Shard, columns: Columns) -> list[Record]:
+    """The shard's input rows, in file order; a malformed record raises CorpusError naming its place."""
     fs, path = filesystem(shard.path)
     try:
-        records = (
-            _jsonl_records(fs, path, shard, columns)
-            if shard.format == "jsonl"
-            else _parquet_records(fs, path, shard, columns)
-        )
+        if shard.format == "jsonl":
+            with fs.open_input_file(path) as file:
+                file.seek(shard.byte_start)
+                data = io.BytesIO(file.read(shard.byte_stop - shard.byte_start))
+            records = list(read_jsonl(data, shard.path, columns, with_id=True, first_line=shard.first_line))
+        else:
+            records = _parquet_records(fs, path, shard, columns)
     except OSError as error:
-        raise CorpusError(f"input {shard.path!r} cannot be read: {error}") from error
-    if len(records.ids) != shard.rows:
-        raise CorpusError(
+        raise CorpusError(shard.path, f"cannot be read: {error}") from error
+    if len(records) != shard.rows:
+        raise ShardsError(
             f"input {shard.path!r} changed since the run was planned: shard {shard.name} should hold "
-            f"{shard.rows} rows from row {shard.first_row}, found {len(records.ids)}; use a new output folder"
+            f"{shard.rows} rows from row {shard.first_row}, found {len(records)}; use a new output folder"
         )
     return records
 
 
-def _jsonl_records(fs: pafs.FileSystem, path: str, shard: Shard, columns: Columns) -> CorpusRows:
-    with fs.open_input_file(path) as file:
-        file.seek(shard.byte_start)
-        data = file.read(shard.byte_stop - shard.byte_start)
-    rows = CorpusRows([], [])
-    row = shard.first_row
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        row += 1
-        where = f"{shard.path} record {row}"
-        record = _parse(line, shard.path, row)
-        _check_record(record, columns, where)
-        _append(rows, record, columns, where)
-    return rows
-
-
-def _parquet_records(fs: pafs.FileSystem, path: str, shard: Shard, columns: Columns) -> CorpusRows:
-    wanted = [name for name in (columns.id or "", *ID_FIELDS, columns.text, columns.title or "", "metadata") if name]
+def _parquet_records(fs: pafs.FileSystem, path: str, shard: Shard, columns: Columns) -> list[Record]:
+    wanted = [name for name in (columns.id or "_id", "id", columns.text, columns.title or "", "metadata") if name]
     with fs.open_input_file(path) as file:
         parquet = pq.ParquetFile(file)
         present = [name for name in dict.fromkeys(wanted) if name in parquet.schema_arrow.names]
         table = parquet.read_row_groups(list(shard.row_groups), columns=present)
-    rows = CorpusRows([], [])
-    for offset, record in enumerate(table.to_pylist()):
-        where = f"{shard.path} row {shard.first_row + offset + 1}"
-        _append(rows, record, columns, where)
-    return rows
-
-
-def _append(rows: CorpusRows, record: dict[str, Any], columns: Columns, where: str) -> None:
-    id_field = columns.id or next(name for name in ID_FIELDS if name in record)
-    identifier, text = record.get(id_field), record.get(columns.text)
-    if identifier is None or str(identifier) == "":
-        raise CorpusError(f"{where}: empty {id_field!r}")
-    if not isinstance(text, str) or not text.strip():
-        raise CorpusError(f"{where}: {columns.text!r} must be a non-empty string")
-    rows.ids.append(str(identifier))
-    rows.texts.append(text)
-    title = record.get(columns.title) if columns.title else None
-    rows.titles.append(str(title) if title else "")
-    extra = record.get("metadata")
-    rows.metadata.append({str(k): str(v) for k, v in extra.items()} if isinstance(extra, dict) else {})
+    return [
+        record(row, columns, f"{shard.path} row {shard.first_row + offset + 1}", with_id=True)
+        for offset, row in enumerate(table.to_pylist())
+    ]
 
 
 # -- output ----------------------------------------------------------------------------------------
 
 
 def vector_column(vectors: np.ndarray, encoding: str) -> pa.Array:
-    """(n, d) float32 unit vectors as the shard's vector column in `encoding`."""
+    """Vectors already in the wire layout of `encoding` (as `scholarembed.decode` reads an EmbedResponse:
+    float32 or float16 rows, or packed sign bits as uint8) as the shard's vector column: a fixed-size list
+    of floats, or fixed-size binary."""
     if encoding == "binary":
-        packed = np.packbits(vectors > 0, axis=1)  # MSB first, as the gRPC ENCODING_BINARY layout
-        return pa.array([row.tobytes() for row in packed], type=pa.binary(packed.shape[1]))
-    dtype = np.float16 if encoding == "float16" else np.float32
-    values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])
+        return pa.array([row.tobytes() for row in vectors], type=pa.binary(vectors.shape[1]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors).reshape(-1)), vectors.shape[1])
 
 
 def write_shard(

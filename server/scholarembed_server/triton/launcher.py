@@ -12,10 +12,12 @@ container takes, all prepared here and cached under .cache/triton:
 - numpy<2 for the stub only. Backend 2.51's utilities mis-read string tensors under numpy 2 (the
   stub aborts on the first request; fixed in later releases), while the project runs on numpy 2.
   The stub's embedded Python ignores PYTHONPATH, but takes the first `python3` on PATH as its home,
-  virtualenvs included. So PATH starts with a small virtualenv, .cache/triton/stub-env-pyXY, that
-  holds numpy 1.x alone plus a .pth adding this environment's site-packages behind it: model.py
-  imports torch and scholarembed_server from this very environment, and nothing else sees that
-  numpy. (An EXECUTION_ENV_PATH tarball would need conda-pack and a second copy of torch.)
+  virtualenvs included. So PATH starts with a small virtualenv, .cache/triton/stub-env-pyXY-<hash>,
+  that holds numpy 1.x alone plus a .pth putting the scholarembed code this launcher runs (its
+  server/ and client/ folders) and then this environment's site-packages behind it: model.py imports
+  torch from this very environment and scholarembed_server from the same checkout as the launcher,
+  and nothing else sees that numpy. (An EXECUTION_ENV_PATH tarball would need conda-pack and a second
+  copy of torch.)
 - for KIND_CPU (tests, CPU hosts), a temporary copy of the repository whose instance group says
   KIND_CPU; the checked-in config stays KIND_GPU for production.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
@@ -41,7 +44,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -111,16 +114,27 @@ def prepare_backends(distribution: TritonDistribution, cache_dir: Path) -> Path:
 
 
 def prepare_stub_env(cache_dir: Path) -> Path:
-    """A virtualenv for the stub: numpy<2 alone, then this environment's site-packages behind it.
+    """A virtualenv for the stub: numpy<2 alone, then the scholarembed code this launcher runs, then this
+    environment's site-packages behind them.
 
     The stub's embedded Python ignores PYTHONPATH (isolated configuration) but takes the first
-    `python3` on PATH as its home, virtualenvs included. Built once; returns its bin folder.
+    `python3` on PATH as its home, virtualenvs included. The model then imports scholarembed_server and
+    scholarembed from the folders this launcher was imported from, whatever else is installed (an
+    editable install of another checkout, say). One environment per such layer, built once and named
+    by its hash; returns its bin folder.
     """
-    env_dir = cache_dir / f"stub-env-py{sys.version_info.major}{sys.version_info.minor}"
+    code = [str(Path(__file__).resolve().parents[2]), str(Path(_origin("scholarembed")).parents[1])]
     base_sites = [path for path in site.getsitepackages() if Path(path).is_dir()]
-    layer = "import site; " + "; ".join(f"site.addsitedir({path!r})" for path in base_sites) + "\n"
+    layer = (
+        f"import sys; sys.path[:0] = {code!r}\n"
+        + "import site; "
+        + "; ".join(f"site.addsitedir({path!r})" for path in base_sites)
+        + "\n"
+    )
+    digest = hashlib.sha1(layer.encode()).hexdigest()[:10]
+    env_dir = cache_dir / f"stub-env-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
     layer_file = Path(sysconfig.get_path("purelib", vars={"base": str(env_dir)})) / "scholarembed-base.pth"
-    if layer_file.exists() and layer_file.read_text() == layer:
+    if layer_file.exists():
         return env_dir / "bin"
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".stub-env-", dir=cache_dir))
@@ -133,12 +147,19 @@ def prepare_stub_env(cache_dir: Path) -> Path:
     )  # fmt: skip
     # .pth lines run after the folder itself is on sys.path: numpy 1 first, everything else from here.
     (partial_site / layer_file.name).write_text(layer)
-    shutil.rmtree(env_dir, ignore_errors=True)
     try:
         partial.rename(env_dir)
     except OSError:  # a concurrent launch got there first
         shutil.rmtree(partial, ignore_errors=True)
     return env_dir / "bin"
+
+
+def _origin(package: str) -> str:
+    """Where a package would be imported from, without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise TritonNotFoundError(f"{package} is not installed")
+    return spec.origin
 
 
 def environment(distribution: TritonDistribution, stub_bin: Path, settings: dict[str, str]) -> dict[str, str]:
@@ -259,6 +280,7 @@ def start(
     matryoshka_dims: str | None = None,
     dtype: str | None = None,
     max_tokens: int | None = None,
+    settings: Mapping[str, object] | None = None,
     host: str = "127.0.0.1",
     http_port: int = 0,
     grpc_port: int = 0,
@@ -272,18 +294,17 @@ def start(
     """Start tritonserver on `repository` and return once the model is loaded and warm.
 
     Ports given as 0 are picked free. Settings left as None keep config.pbtxt's values (or the
-    SCHOLAREMBED_* variables already set). Output goes to `log_path`, or to this process's stdout.
+    SCHOLAREMBED_* variables already set); `settings` sets any other of serve's (ServerConfig fields, e.g.
+    {"max_tokens_per_request": 4096}). Output goes to `log_path`, or to this process's stdout.
     """
     distribution = TritonDistribution.find()
     backends = prepare_backends(distribution, cache_dir)
-    settings = {
-        key: str(value)
-        for key, value in {
-            "model": model, "matryoshka_dims": matryoshka_dims, "dtype": dtype, "max_tokens": max_tokens,
-        }.items()
-        if value is not None
-    }  # fmt: skip
-    env = environment(distribution, prepare_stub_env(cache_dir), settings)
+    named = {"model": model, "matryoshka_dims": matryoshka_dims, "dtype": dtype, "max_tokens": max_tokens}
+    env = environment(
+        distribution,
+        prepare_stub_env(cache_dir),
+        {key: str(value) for key, value in {**named, **(settings or {})}.items() if value is not None},
+    )
     if kind == "auto":
         kind = "gpu" if cuda_available() else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="scholarembed-triton-"))
