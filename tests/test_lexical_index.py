@@ -251,15 +251,11 @@ def test_kill_9_inside_a_tantivy_commit_loses_nothing_and_replaying_twice_change
 # -- a held lexical commit -----------------------------------------------------------------------------------
 
 
-def test_a_held_lexical_commit_blocks_no_reader_and_no_writer_and_is_group_committed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = EmbeddedIndex(tmp_path)
-    store.create_collection(
-        "c", dimensions=DIMENSIONS, model="m", index_kind=IndexKind.FLAT, vector_storage=VectorStorage.FLOAT32
-    )
-    vectors = unit_vectors(20, seed=1)
-    store.upsert("c", [passage(n) for n in range(10)], vectors[:10])
+def hold_the_first_lexical_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, list[int]]:
+    """(held, release, rounds): the first catch-up stops before tantivy's commit, sets `held` and waits for
+    `release`; `rounds` counts the catch-ups that reached a commit."""
     held, release = threading.Event(), threading.Event()
     rounds: list[int] = []
 
@@ -270,6 +266,19 @@ def test_a_held_lexical_commit_blocks_no_reader_and_no_writer_and_is_group_commi
             assert release.wait(WAIT_S)
 
     monkeypatch.setattr(lexical, "before_commit", hold)
+    return held, release, rounds
+
+
+def test_a_held_lexical_commit_blocks_no_reader_and_no_writer_and_is_group_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EmbeddedIndex(tmp_path)
+    store.create_collection(
+        "c", dimensions=DIMENSIONS, model="m", index_kind=IndexKind.FLAT, vector_storage=VectorStorage.FLOAT32
+    )
+    vectors = unit_vectors(20, seed=1)
+    store.upsert("c", [passage(n) for n in range(10)], vectors[:10])
+    held, release, rounds = hold_the_first_lexical_commit(monkeypatch)
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(store.upsert, "c", [passage(10)], vectors[10:11])
         assert held.wait(WAIT_S)
@@ -303,16 +312,7 @@ def test_requests_of_one_stream_commit_while_the_lexical_index_catches_up_and_sh
     from scholarembed.v1 import search_pb2 as spb
     from scholarembed.v1 import search_pb2_grpc as spb_grpc
 
-    held, release = threading.Event(), threading.Event()
-    rounds: list[int] = []
-
-    def hold() -> None:
-        rounds.append(1)
-        if len(rounds) == 1:
-            held.set()
-            assert release.wait(WAIT_S)
-
-    monkeypatch.setattr(lexical, "before_commit", hold)
+    held, release, rounds = hold_the_first_lexical_commit(monkeypatch)
     server = in_process_server(data_dir=str(tmp_path / "data"), stream_window=8)
     requests = [
         spb.UpsertPassagesRequest(
