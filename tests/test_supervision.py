@@ -32,6 +32,7 @@ from scholarembed.v1 import embedding_pb2 as pb
 from scholarembed.v1 import embedding_pb2_grpc as pb_grpc
 from scholarembed.v1 import search_pb2, search_pb2_grpc
 from scholarembed_server.batcher import Batcher
+from scholarembed_server.engine import EmbeddingEngine
 from scholarembed_server.errors import ServerBrokenError
 from scholarembed_server.lifecycle import EXIT_BROKEN, is_fatal
 from scholarembed_server.model.buckets import LengthBuckets
@@ -192,15 +193,16 @@ def test_a_crash_of_the_worker_loop_itself_is_fatal_not_silent(tiny_engine) -> N
 
 
 class WarmupHeld:
-    """The real engine, whose warm-up (in the model thread) waits until released."""
+    """The real engine's runner, whose warm-up (in the model thread) waits until released."""
 
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self._runner = engine.runner
+        self.engine = EmbeddingEngine(engine.model, self)  # type: ignore[arg-type]  # the engine around this runner
         self.warming = threading.Event()
         self.release = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+        return getattr(self._runner, name)
 
     def warmup(self, *, compile: bool = True) -> None:
         self.warming.set()
@@ -217,7 +219,7 @@ def test_closing_waits_for_a_busy_model_thread_without_blocking_the_event_loop(t
             engine.release.set()
 
     async def run() -> None:
-        batcher = Batcher(engine, max_batch_tokens=256, max_queue_tokens=10_000)
+        batcher = Batcher(engine.engine, max_batch_tokens=256, max_queue_tokens=10_000)
         batcher.start()
         warming = asyncio.ensure_future(batcher.warmup())
         await asyncio.get_running_loop().run_in_executor(None, engine.warming.wait, DEADLINE_S)
