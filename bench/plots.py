@@ -11,7 +11,8 @@ a benchmark's own JSON, never from numbers typed in. The shapes read (other keys
     buckets      bench.buckets                     {"rows": [{"buckets", "budget", "tail", "passages",
                                                               "queries"}, ...]}
     search modes bench.search --modes              {"runs": [{"size", "<mode>_latency_ms", ...}, ...]}
-                                                   for the modes dense, lexical and hybrid
+                                                   for the modes dense, lexical and hybrid, and
+                                                   "fts5_latency_ms" (the baseline) where measured
 
 Each may also carry "date" and "machine", which the title shows.
 """
@@ -131,21 +132,26 @@ def buckets(report: dict[str, Any]) -> Figure:
 
 
 def search_modes(report: dict[str, Any]) -> Figure:
+    """One line per mode, and the FTS5 baseline's lexical search (dashed) where the run measured it, on log
+    axes: the sizes span decades, and so do the modes against the baseline."""
     runs = sorted(report["runs"], key=lambda run: run["size"])
     figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
     sizes = [run["size"] for run in runs]
     for mode in SEARCH_MODES:
         if all(f"{mode}_latency_ms" in run for run in runs):
             axes.plot(sizes, [run[f"{mode}_latency_ms"] for run in runs], marker="o", label=mode)
+    if all("fts5_latency_ms" in run for run in runs):
+        latencies = [run["fts5_latency_ms"] for run in runs]
+        axes.plot(sizes, latencies, marker="s", linestyle="--", color="grey", label="lexical, FTS5 (baseline)")
     if len(sizes) > 1:
         axes.set_xscale("log")
+        axes.set_yscale("log")
         axes.minorticks_off()  # the sizes measured are the ticks
     axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
     axes.set_xlabel("passages in the collection")
     axes.set_ylabel("one query, ms (median)")
-    axes.set_ylim(bottom=0)
     axes.legend(title="mode")
-    axes.grid(alpha=0.3)
+    axes.grid(alpha=0.3, which="both")
     figure.suptitle(_title("Search latency against collection size", report))
     return figure
 
