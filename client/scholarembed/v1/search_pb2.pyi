@@ -97,10 +97,12 @@ class _SearchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMode
     SEARCH_MODE_DENSE: _SearchMode.ValueType  # 1
     """Cosine similarity between the embedded query and the stored passage vectors."""
     SEARCH_MODE_LEXICAL: _SearchMode.ValueType  # 2
-    """BM25 over the passage's title and text. The query is split into words by the tokenizer that
-    indexed the passages (punctuation and spaces separate words; FTS5 or Milvus syntax is never
-    read as syntax) and any of them may match: a query with no words finds nothing. Hit.score is the BM25 score (higher is better; its
-    scale depends on the store). Embedded store: SQLite FTS5, porter stemming, diacritics folded.
+    """BM25 over the passage's title and text. The query is split into words by the analyzer that
+    indexed the passages (punctuation and spaces separate words; no query syntax is ever read, so no
+    query text is an error) and any of them may match: a query with no words finds nothing. Hit.score
+    is the BM25 score (higher is better; its scale depends on the store). Embedded store: tantivy
+    (k1 1.2, b 0.75), words lowercased, folded to ASCII and stemmed (English), English stopwords left
+    out of a query that has other words.
     Milvus: its built-in BM25 full-text search (lowercased words; milvus-lite 3.2.2 does not stem).
     FAILED_PRECONDITION for a Milvus collection created before lexical search existed.
     """
@@ -118,10 +120,12 @@ SEARCH_MODE_UNSPECIFIED: SearchMode.ValueType  # 0
 SEARCH_MODE_DENSE: SearchMode.ValueType  # 1
 """Cosine similarity between the embedded query and the stored passage vectors."""
 SEARCH_MODE_LEXICAL: SearchMode.ValueType  # 2
-"""BM25 over the passage's title and text. The query is split into words by the tokenizer that
-indexed the passages (punctuation and spaces separate words; FTS5 or Milvus syntax is never
-read as syntax) and any of them may match: a query with no words finds nothing. Hit.score is the BM25 score (higher is better; its
-scale depends on the store). Embedded store: SQLite FTS5, porter stemming, diacritics folded.
+"""BM25 over the passage's title and text. The query is split into words by the analyzer that
+indexed the passages (punctuation and spaces separate words; no query syntax is ever read, so no
+query text is an error) and any of them may match: a query with no words finds nothing. Hit.score
+is the BM25 score (higher is better; its scale depends on the store). Embedded store: tantivy
+(k1 1.2, b 0.75), words lowercased, folded to ASCII and stemmed (English), English stopwords left
+out of a query that has other words.
 Milvus: its built-in BM25 full-text search (lowercased words; milvus-lite 3.2.2 does not stem).
 FAILED_PRECONDITION for a Milvus collection created before lexical search existed.
 """
