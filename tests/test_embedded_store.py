@@ -217,3 +217,32 @@ def test_gpu_flat_search_keeps_the_storage_dtype(tmp_path: Path, storage: Vector
     queries = vectors_[:8]
     assert ids(store.search("c", queries, 1)) == [[f"p{i}"] for i in range(8)]
     store.close()
+
+
+def test_rows_added_after_an_approximate_index_are_searched_from_its_tail_not_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows committed after an HNSW index was built wait in its exact tail until ANN_TAIL_ROWS of them are
+    there: once the builder has them, a search reads nothing from vectors.bin (no per-search re-normalising
+    of the rows the index lacks); past the threshold they go into a copy of the FAISS index."""
+    monkeypatch.setattr(vectors, "ANN_TAIL_ROWS", 50)
+    store, vectors_ = store_with(tmp_path, 300, IndexKind.HNSW)
+    store.wait_until_indexed("c", [DIMENSIONS])
+    added = unit_vectors(20, seed=7)
+    store.upsert("c", passages(20, start=300), added)
+    store.wait_until_indexed("c", [DIMENSIONS])
+    index = store._collections["c"].vectors._ready[DIMENSIONS]
+    assert (index.indexed_rows, index.tail.rows) == (300, 20)
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("searched vectors.bin: the index should cover every row")
+
+    monkeypatch.setattr(vectors, "exact_scan", no_scan)
+    everything = np.concatenate([vectors_, added])
+    queries = everything[[0, 150, 305, 319]]
+    assert ids(store.search("c", queries, 3)) == exact_ids(everything, queries, 3)
+    store.upsert("c", passages(40, start=320), unit_vectors(40, seed=8))
+    store.wait_until_indexed("c", [DIMENSIONS])
+    index = store._collections["c"].vectors._ready[DIMENSIONS]
+    assert (index.indexed_rows, index.tail.rows) == (360, 0)
+    store.close()

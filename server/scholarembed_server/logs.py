@@ -55,3 +55,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # FAISS logs, at INFO, each CPU instruction set it tries and the ModuleNotFoundError of each it lacks:
+    # a newcomer reads them as errors. Its warnings and errors still show.
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))

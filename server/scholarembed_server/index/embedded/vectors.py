@@ -2,15 +2,16 @@
 
 Stored vectors are full-dimension rows of vectors.bin; a search at a Matryoshka dimension d uses each
 row's first d components, re-normalised. The index at d covers rows [0, n) for some n: a flat matrix
-(exact), or a FAISS HNSW or IVF index (approximate). Rows the index does not cover yet (all of them,
-until it exists) are searched exactly, straight from vectors.bin; the two top-k lists are merged.
+(exact), or a FAISS HNSW or IVF index with an exact tail of the rows added since (approximate). Rows the
+index does not cover yet (all of them, until it exists; those of the last commits, for a moment) are
+searched exactly, straight from vectors.bin; the top-k lists are merged.
 So a search never waits for an index: until one is ready, search at that dimension is exact.
 
 Readers never wait behind a writer. A published index is never changed:
   - the flat matrix (`TorchFlat`) grows into spare capacity past the rows any published view reads,
     and by half its size (a new tensor) when full, so growing costs amortised O(1) copies a row;
-  - an approximate index is extended on a copy (`faiss.clone_index`) once ANN_TAIL_ROWS rows wait
-    outside it, and the copy replaces it;
+  - an approximate index keeps the rows added since it was built in an exact tail (a `TorchFlat`), and
+    is extended on a copy (`faiss.clone_index`) once ANN_TAIL_ROWS rows are there (`Approximate`);
 and a reader takes the dict of published indexes once, by reference. One thread per collection
 builds, extends and loads indexes, outside any lock a reader takes, and publishes each by swapping
 that dict; it never holds the collection's write lock either, so it never delays a commit.
@@ -45,7 +46,7 @@ CHUNK_ROWS = 65536  # rows converted at a time by an exact scan: bounded extra m
 BUILD_CHUNK_ROWS = 8192  # rows added to an index at a time; closing waits for at most one such step
 IVF_MIN_TRAINING_ROWS = 4096  # below this an IVF collection is searched exactly
 IVF_TRAINING_SAMPLE = 256  # training points per IVF list, as FAISS's k-means samples them anyway
-ANN_TAIL_ROWS = 8192  # an approximate index is extended once this many rows wait outside it
+ANN_TAIL_ROWS = 8192  # rows an approximate index keeps in its exact tail before adding them to FAISS
 FLAT_MIN_CAPACITY = 1024
 
 Scored = tuple[np.ndarray, np.ndarray]  # (scores, rows), each (queries, k), best first; row -1 pads
@@ -116,27 +117,57 @@ class TorchFlat:
         storage[self.rows : rows] = torch.from_numpy(vectors).to(storage.device, storage.dtype)
         return TorchFlat(storage, rows)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> Scored:
-        return top_k(queries, self.storage[: self.rows], k, allowed)
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, first_row: int = 0) -> Scored:
+        return top_k(queries, self.storage[: self.rows], k, allowed, first_row)
 
 
 class Approximate:
-    """A FAISS HNSW or IVF-Flat index of rows [0, rows); never changed once published."""
+    """A FAISS HNSW or IVF-Flat index of its first rows, and an exact `TorchFlat` tail of the rows added since;
+    never changed once published.
 
-    def __init__(self, index: Any) -> None:
+    Rows are appended to the tail, a cheap copy, until ANN_TAIL_ROWS wait there; then they are added to a
+    copy of the FAISS index (`faiss.clone_index`), which is slow, and the tail starts again. So a search
+    never re-normalises rows from vectors.bin, and the FAISS index is copied once per ANN_TAIL_ROWS rows.
+    """
+
+    def __init__(self, index: Any, tail: TorchFlat | None = None) -> None:
         self.index = index
+        self.tail = tail if tail is not None else TorchFlat.empty(index.d, "cpu", torch.float32)
+
+    @property
+    def indexed_rows(self) -> int:
+        """Rows in the FAISS index: what a saved file holds."""
+        return int(self.index.ntotal)
 
     @property
     def rows(self) -> int:
-        return int(self.index.ntotal)
+        return self.indexed_rows + self.tail.rows
 
     def extended(self, vectors: np.ndarray, *, in_place: bool = False) -> Approximate:
+        """`vectors` (prefix-normalised float32 rows) appended: to the tail while it stays short of
+        ANN_TAIL_ROWS, else with the tail to the FAISS index, a copy of it unless `in_place` (an index no
+        reader has: one being built or already copied)."""
+        if in_place and not self.tail.rows:
+            self.index.add(vectors)
+            return self
+        tail = self.tail.extended(vectors)
+        if tail.rows < ANN_TAIL_ROWS and not in_place:
+            return Approximate(self.index, tail)
         index = self.index if in_place else faiss.clone_index(self.index)
-        index.add(vectors)
+        index.add(tail.storage[: tail.rows].numpy())
         return Approximate(index)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> Scored:
-        k = min(k, self.rows)
+        indexed = self.indexed_rows
+        index_allowed, tail_allowed = (None, None) if allowed is None else (allowed[:indexed], allowed[indexed:])
+        parts = []
+        if indexed:
+            parts.append(self._search_index(queries, min(k, indexed), index_allowed))
+        if self.tail.rows:
+            parts.append(self.tail.search(queries, k, tail_allowed, first_row=indexed))
+        return merged(parts, k, len(queries))
+
+    def _search_index(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> Scored:
         if allowed is None:
             return self.index.search(queries, k)
         bitmap = np.packbits(allowed, bitorder="little")
@@ -245,7 +276,7 @@ class VectorIndexes:
             self._condition.notify_all()
         self._builder.join()
         for dimensions, index in self._ready.items():
-            if isinstance(index, Approximate) and index.rows > self._saved_rows.get(dimensions, -1):
+            if isinstance(index, Approximate) and index.indexed_rows > self._saved_rows.get(dimensions, -1):
                 self._save(dimensions, index)
 
     # -- the builder thread ------------------------------------------------------------------------
@@ -258,8 +289,7 @@ class VectorIndexes:
         if index is None:
             enough = IVF_MIN_TRAINING_ROWS if self.kind is IndexKind.IVF else 1
             return self._rows if self._rows >= enough else None
-        lag = self._rows - index.rows
-        return self._rows if lag >= (1 if isinstance(index, TorchFlat) else ANN_TAIL_ROWS) else None
+        return self._rows if self._rows > index.rows else None
 
     def _run(self) -> None:
         while True:
@@ -304,7 +334,7 @@ class VectorIndexes:
         started = time.perf_counter()
         saved = self._load_saved(dimensions, rows)
         if saved is not None:
-            self._saved_rows[dimensions] = saved.rows
+            self._saved_rows[dimensions] = saved.indexed_rows
             return self._extended(saved, stored, dimensions, in_place=True)
         index = self._extended(self._new_approximate(dimensions, stored), stored, dimensions, in_place=True)
         log.info("collection %r: built its %s index at %d dimensions over %d rows in %.1f s", self.name,
@@ -322,8 +352,9 @@ class VectorIndexes:
             if isinstance(index, TorchFlat):
                 index = index.extended(block)
             else:
-                index = index.extended(block, in_place=in_place)
-                in_place = True  # the first step copied it: the copy is not published yet
+                extended = index.extended(block, in_place=in_place)
+                in_place = in_place or extended.index is not index.index  # copied: no reader has the copy
+                index = extended
         return index
 
     def _new_approximate(self, dimensions: int, stored: np.ndarray) -> Approximate:
@@ -378,7 +409,7 @@ class VectorIndexes:
         except (OSError, RuntimeError):  # a derived file: without it the index is rebuilt on open
             log.exception("collection %r: could not save its index at %d dimensions", self.name, dimensions)
             return
-        self._saved_rows[dimensions] = index.rows
+        self._saved_rows[dimensions] = index.indexed_rows
 
 
 _TORCH_DTYPES = {"<f2": torch.float16, "<f4": torch.float32}
